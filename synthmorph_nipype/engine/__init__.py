@@ -1,0 +1,1 @@
+"""Inference: conform images to network space, run the models, return world transforms."""

@@ -1,0 +1,108 @@
+"""Run the SynthMorph networks in network space.
+
+All outputs are pull-back maps in network voxel indices: ``out_1`` takes a fixed-network
+point to the moving-network point (what the moving image is sampled with), ``out_2`` the
+reverse. Matrix modes give 4x4 matrices; deformable modes give ``(e, e, e, 3)``
+displacements ``u`` with target ``x + u(x)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..models.affine import AffineDetector, centred_to_index, sqrtm
+from ..models.joint import UNet
+from ..ops.grid import affine_points, voxel_grid
+from ..ops.integrate import integrate_svf
+from ..ops.sampling import sample_linear
+
+HALF = np.diag([2.0, 2.0, 2.0, 1.0])  # half-resolution index -> full-resolution index
+
+
+@dataclass
+class NetworkOutput:
+    out_1: np.ndarray | torch.Tensor
+    out_2: np.ndarray | torch.Tensor
+    affine_1: np.ndarray  # the affine part of out_1 in full-resolution network indices
+    stages: dict = field(default_factory=dict)  # intermediate arrays, for inspection
+
+
+def _batch(x: torch.Tensor) -> torch.Tensor:
+    return x[None, None]
+
+
+@torch.no_grad()
+def run_affine(detector: AffineDetector, inp_1: torch.Tensor, inp_2: torch.Tensor,
+               keep: bool = False) -> NetworkOutput:
+    """Affine or rigid registration of two conformed images ``(e, e, e)``."""
+    extent = inp_1.shape[0]
+    res = detector(_batch(inp_1), _batch(inp_2), half_res=True)
+    out_1 = centred_to_index(res.matrix, extent)[0].cpu().numpy()
+    out_2 = np.linalg.inv(out_1)
+    stages = {}
+    if keep:
+        stages = {"feat_1": res.feat_1, "feat_2": res.feat_2, "cen_1": res.cen_1,
+                  "cen_2": res.cen_2, "chan_weights": res.weights}
+    return NetworkOutput(out_1, out_2, out_1, stages)
+
+
+def _svf(unet: UNet, half_1: torch.Tensor, half_2: torch.Tensor) -> torch.Tensor:
+    """Symmetrised SVF, channels last: ``0.5 * (f(1, 2) - f(2, 1))``; run one direction at a
+    time so the two passes never hold their activations together."""
+    a = unet(torch.cat([_batch(half_1), _batch(half_2)], 1))[0]
+    b = unet(torch.cat([_batch(half_2), _batch(half_1)], 1))[0]
+    return (0.5 * (a - b)).permute(1, 2, 3, 0).contiguous()
+
+
+def _half_total(disp: torch.Tensor, half_aff: np.ndarray) -> torch.Tensor:
+    """Total map on the half-resolution grid into full-resolution indices, minus ``y``:
+    ``H (w + d(w)) - y`` with ``w = H y / 2``."""
+    shape = disp.shape[:3]
+    w = affine_points(np.diag([0.5, 0.5, 0.5, 1.0]) @ half_aff, shape, device=disp.device)
+    target = w + sample_linear(disp, w, boundary="clamp")
+    m = torch.as_tensor(half_aff[:3], dtype=disp.dtype, device=disp.device)
+    return target @ m[:, :3].T + m[:, 3] - voxel_grid(shape, device=disp.device)
+
+
+def _full_res(half_tot: torch.Tensor, extent: int) -> torch.Tensor:
+    """``u(x) = (x/2 - x) + half_tot(x/2)``, interpolated on clamped coordinates (so the last
+    index carries the official half-voxel offset)."""
+    x = voxel_grid((extent,) * 3, device=half_tot.device)
+    return sample_linear(half_tot, 0.5 * x, boundary="clamp") - 0.5 * x
+
+
+@torch.no_grad()
+def run_deformable(unet: UNet, inp_1: torch.Tensor, inp_2: torch.Tensor, *, steps: int = 7,
+                   detector: AffineDetector | None = None, keep: bool = False) -> NetworkOutput:
+    """Deformable (``detector=None``: the inputs are already affinely aligned) or joint
+    registration, with the deformable step in the affine mid-space."""
+    extent = inp_1.shape[0]
+    half = extent // 2
+    stages: dict = {}
+    if detector is None:
+        half_aff_1 = half_aff_2 = HALF
+        affine_1 = np.eye(4)
+        def_1, def_2 = inp_1[::2, ::2, ::2], inp_2[::2, ::2, ::2]
+    else:
+        res = detector(_batch(inp_1[::2, ::2, ::2]), _batch(inp_2[::2, ::2, ::2]),
+                       half_res=False)
+        mat = res.matrix
+        mid_1 = centred_to_index(sqrtm(mat), half)[0].cpu().numpy()
+        mid_2 = centred_to_index(sqrtm(torch.linalg.inv(mat)), half)[0].cpu().numpy()
+        half_aff_1, half_aff_2 = HALF @ mid_1, HALF @ mid_2
+        affine_1 = HALF @ centred_to_index(mat, half)[0].cpu().numpy() @ np.linalg.inv(HALF)
+        grid = (half,) * 3
+        def_1 = sample_linear(inp_1, affine_points(half_aff_1, grid, device=inp_1.device))
+        def_2 = sample_linear(inp_2, affine_points(half_aff_2, grid, device=inp_2.device))
+    svf = _svf(unet, def_1, def_2)
+    disp_1, disp_2 = integrate_svf(svf, steps), integrate_svf(-svf, steps)
+    tot_1, tot_2 = _half_total(disp_1, half_aff_1), _half_total(disp_2, half_aff_2)
+    if keep:
+        stages = {"half_aff_1": half_aff_1, "half_aff_2": half_aff_2, "def_inp_1": def_1,
+                  "def_inp_2": def_2, "svf_1": svf, "half_def_1": disp_1, "half_def_2": disp_2,
+                  "half_tot_1": tot_1, "half_tot_2": tot_2}
+    del disp_1, disp_2, svf
+    return NetworkOutput(_full_res(tot_1, extent), _full_res(tot_2, extent), affine_1, stages)

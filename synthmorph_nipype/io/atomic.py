@@ -1,0 +1,73 @@
+"""Write every output to a temporary name and rename it only when all have been written."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from ..errors import SynthMorphError
+
+
+def _suffix(path: Path) -> str:
+    name = path.name
+    for double in (".nii.gz", ".tar.gz"):
+        if name.endswith(double):
+            return double
+    return path.suffix
+
+
+class OutputSet:
+    """Collect temporary files for several outputs and commit them together.
+
+    >>> import tempfile; d = Path(tempfile.mkdtemp())
+    >>> with OutputSet() as out:
+    ...     _ = out.temp(d / "a.txt").write_text("x")
+    >>> sorted(p.name for p in d.iterdir())
+    ['a.txt']
+    """
+
+    def __init__(self):
+        self._pending: list[tuple[Path, Path]] = []
+
+    @staticmethod
+    def check_writable(path: str | Path) -> None:
+        """Fail early, before any computation, when ``path`` cannot be written."""
+        path = Path(path)
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            raise SynthMorphError(f"{path}: output directory {parent} does not exist")
+        if path.is_dir():
+            raise SynthMorphError(f"{path}: is a directory, cannot write an output there")
+        if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise SynthMorphError(f"{path}: cannot write here (permission denied)")
+
+    def temp(self, path: str | Path) -> Path:
+        """A temporary path next to ``path``, with the same suffix (formats follow it)."""
+        path = Path(path)
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{_suffix(path)}"
+        self._pending.append((tmp, path))
+        return tmp
+
+    def commit(self) -> None:
+        for tmp, final in self._pending:
+            os.replace(tmp, final)
+        self._pending.clear()
+
+    def discard(self) -> None:
+        for tmp, _ in self._pending:
+            tmp.unlink(missing_ok=True)
+        self._pending.clear()
+
+    def __enter__(self) -> OutputSet:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self.commit()
+            except OSError as err:
+                self.discard()
+                raise SynthMorphError(f"{err.filename}: cannot write output ({err.strerror})")
+        else:
+            self.discard()

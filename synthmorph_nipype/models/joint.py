@@ -1,0 +1,125 @@
+"""SynthMorph's deformable network (the U-Net inside ``HyperVxmJoint``).
+
+The U-Net predicts a stationary velocity field from two half-resolution images. Its
+convolution weights come from a hypernetwork of the regularisation weight ``lambda``
+(:class:`HyperUNet`); for one fixed ``lambda`` they reduce to ordinary convolutions
+(:class:`UNet`, made by :meth:`HyperUNet.specialize`), so inference never runs the
+hypernetwork more than once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import HyperConv3d, conv3, leaky
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Widths of the deformable network (the official defaults are the full model)."""
+
+    hyp_units: tuple[int, ...] = (32,) * 4
+    enc_nf: tuple[int, ...] = (256,) * 4
+    dec_nf: tuple[int, ...] = (256,) * 4
+    add_nf: tuple[int, ...] = (256,) * 4
+    num_chan: int = 1
+
+    def __post_init__(self):
+        if len(self.enc_nf) != len(self.dec_nf):
+            raise ValueError("the encoder and decoder need the same number of levels")
+
+    def layer_channels(self) -> list[tuple[int, int]]:
+        """``(cin, cout)`` of every convolution, in the official order."""
+        cin = 2 * self.num_chan
+        chans, skips = [], []
+        for n in self.enc_nf:
+            chans.append((cin, n))
+            skips.append(n)
+            cin = n
+        for n in self.dec_nf:
+            chans.append((cin, n))
+            cin = n + skips.pop()
+        for n in (*self.add_nf, 3):
+            chans.append((cin, n))
+            cin = n
+        return chans
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UNetConfig:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def unet_forward(x: torch.Tensor, convs: Sequence[Callable], levels: int) -> torch.Tensor:
+    """The U-Net topology: ``levels`` x (conv, LeakyReLU, max-pool), ``levels`` x (conv,
+    LeakyReLU, nearest upsampling, concat with the skip), extra convs with LeakyReLU and a
+    final conv without activation. The raw input is never a skip connection."""
+    skips = []
+    for conv in convs[:levels]:
+        x = leaky(conv(x))
+        skips.append(x)
+        x = F.max_pool3d(x, 2)
+    for conv in convs[levels:2 * levels]:
+        x = leaky(conv(x))
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = torch.cat([x, skips.pop()], 1)
+    for conv in convs[2 * levels:-1]:
+        x = leaky(conv(x))
+    return convs[-1](x)
+
+
+class UNet(nn.Module):
+    """Deformable U-Net with ordinary convolutions (one fixed regularisation weight)."""
+
+    def __init__(self, config: UNetConfig | None = None):
+        super().__init__()
+        self.config = config = config or UNetConfig()
+        self.convs = nn.ModuleList(conv3(i, o) for i, o in config.layer_channels())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return unet_forward(x, list(self.convs), len(self.config.enc_nf))
+
+
+class HyperUNet(nn.Module):
+    """Deformable U-Net whose convolutions a hypernetwork predicts from ``lambda``."""
+
+    def __init__(self, config: UNetConfig | None = None):
+        super().__init__()
+        self.config = config = config or UNetConfig()
+        units, prev = [], 1
+        for n in config.hyp_units:
+            units.append(nn.Linear(prev, n))
+            prev = n
+        self.hyper = nn.ModuleList(units)
+        self.convs = nn.ModuleList(HyperConv3d(prev, i, o) for i, o in config.layer_channels())
+
+    def hyper_features(self, lam: float | torch.Tensor) -> torch.Tensor:
+        """Hypernetwork output ``h(lambda)``: dense layers, each with ReLU."""
+        ref = self.hyper[0].weight
+        h = torch.as_tensor(lam, dtype=ref.dtype, device=ref.device).reshape(1, 1)
+        for dense in self.hyper:
+            h = F.relu(dense(h))
+        return h
+
+    def forward(self, x: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
+        h = self.hyper_features(lam)
+        convs = [lambda t, c=c: c(t, h) for c in self.convs]
+        return unet_forward(x, convs, len(self.config.enc_nf))
+
+    @torch.no_grad()
+    def specialize(self, lam: float) -> UNet:
+        """An ordinary :class:`UNet` with the convolutions predicted for ``lam``."""
+        h = self.hyper_features(lam)
+        unet = UNet(self.config).to(self.hyper[0].weight.device)
+        for conv, hyper in zip(unet.convs, self.convs, strict=True):
+            weight, bias = hyper.kernel(h)
+            conv.weight.copy_(weight)
+            conv.bias.copy_(bias)
+        return unet
