@@ -1,0 +1,122 @@
+"""Register two images: conform, run the networks, compose to world-space transforms.
+
+>>> from synthmorph_nipype.engine.register import register  # doctest: +SKIP
+>>> result = register(moving_img, fixed_img, models, mode="joint")  # doctest: +SKIP
+>>> result.forward   # fixed RAS -> moving RAS: resamples moving onto fixed  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import SynthMorphError
+from ..io.images import image_data
+from ..transforms.base import Affine, Chain, DisplacementField, ImageGrid
+from .compose import push_field, residual_field, world_field, world_matrix
+from .conform import conform
+from .network import run_affine, run_deformable
+from .space import EXTENTS, center_ras, net_to_ras
+from .weights import MODES, Models
+
+
+@dataclass
+class Registration:
+    """The result of one registration, as world-space pull-back maps (RAS mm).
+
+    ``forward`` maps fixed points to moving points (resamples the moving image onto the
+    fixed grid, as ITK's ``-t``), ``inverse`` maps moving points to fixed points.
+    Deformable results are ITK-composite-shaped chains ``[affine, field]``: the field is
+    applied first, on the grid of the space the points come from.
+    """
+
+    mode: str
+    moving: ImageGrid
+    fixed: ImageGrid
+    forward: Chain
+    inverse: Chain
+    info: dict = field(default_factory=dict)
+
+    @property
+    def is_linear(self) -> bool:
+        return self.mode in ("affine", "rigid")
+
+
+def pick_device(gpu: bool | None = None) -> torch.device:
+    """``cuda`` when asked for (an error if absent) or, with ``gpu=None``, when present."""
+    if gpu and not torch.cuda.is_available():
+        raise SynthMorphError("GPU requested but CUDA is not available on this machine")
+    if gpu is None:
+        gpu = torch.cuda.is_available()
+    return torch.device("cuda" if gpu else "cpu")
+
+
+def set_threads(threads: int | None) -> None:
+    """Use ``threads`` CPU threads (default: all cores)."""
+    torch.set_num_threads(max(1, threads or os.cpu_count() or 1))
+
+
+def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int = 256,
+             steps: int = 7, init: Chain | None = None,
+             device: torch.device | str = "cpu") -> Registration:
+    """Register ``moving`` to ``fixed`` (nibabel images, any orientation and voxel size).
+
+    Parameters
+    ----------
+    moving, fixed : nibabel spatial images (3-D).
+    models : the networks for ``mode`` (see :func:`~synthmorph_nipype.engine.weights.load_models`);
+        the regularisation weight was chosen when loading the deformable network.
+    mode : ``affine``, ``rigid``, ``deform`` (images already affinely aligned, or ``init``)
+        or ``joint``.
+    extent : 192 or 256, the network grid size.
+    steps : scaling-and-squaring steps for the SVF.
+    init : initial affine transform (fixed RAS -> moving RAS), folded into the moving
+        network space; the results include it.
+    device : where the networks run.
+    """
+    if mode not in MODES:
+        raise SynthMorphError(f"unknown mode {mode!r}, choose from {', '.join(MODES)}")
+    if extent not in EXTENTS:
+        raise SynthMorphError(f"extent must be 192 or 256, got {extent}")
+    mov, fix = ImageGrid.from_image(moving), ImageGrid.from_image(fixed)
+    fix_net2ras = net_to_ras(center_ras(fix.affine, fix.shape), extent)
+    if init is not None:
+        init_affine = init.as_affine()
+        if init_affine is None:
+            raise SynthMorphError("the initial transform must be affine")
+        mov_net2ras = init_affine.matrix @ fix_net2ras
+    else:
+        init_affine = Affine(np.eye(4))
+        center = fix.shape if mode == "deform" else mov.shape
+        grid = fix if mode == "deform" else mov
+        mov_net2ras = net_to_ras(center_ras(grid.affine, center), extent)
+    device = torch.device(device)
+    inp_1 = conform(image_data(moving), np.linalg.inv(mov.affine) @ mov_net2ras, extent, device)
+    inp_2 = conform(image_data(fixed), np.linalg.inv(fix.affine) @ fix_net2ras, extent, device)
+    models.to(device)
+    fix_ras2net, mov_ras2net = np.linalg.inv(fix_net2ras), np.linalg.inv(mov_net2ras)
+    info = {"mode": mode, "extent": extent, "steps": steps, "device": str(device)}
+    if mode in ("affine", "rigid"):
+        out = run_affine(models.affine, inp_1, inp_2)
+        fw = world_matrix(out.out_1, mov_net2ras, fix_ras2net)
+        bw = world_matrix(out.out_2, fix_net2ras, mov_ras2net)
+        return Registration(mode, mov, fix, Chain([Affine(fw)]), Chain([Affine(bw)]), info)
+    detector = models.affine if mode == "joint" else None
+    out = run_deformable(models.deform, inp_1, inp_2, steps=steps, detector=detector)
+    del inp_1, inp_2
+    affine = Affine(world_matrix(out.affine_1, mov_net2ras, fix_ras2net))
+    if mode == "deform":
+        affine = init_affine
+    total_fw = world_field(out.out_1, mov_net2ras, fix_ras2net @ fix.affine, fix.affine,
+                           fix.shape)
+    total_bw = world_field(out.out_2, fix_net2ras, mov_ras2net @ mov.affine, mov.affine,
+                           mov.shape)
+    del out
+    fw_res = residual_field(total_fw, fix.affine, affine.matrix, fix.shape)
+    bw_res = push_field(total_bw, mov.affine, affine.matrix, mov.shape)
+    forward = Chain([affine, DisplacementField(fix, fw_res)])
+    inverse = Chain([affine.inverse(), DisplacementField(mov, bw_res)])
+    return Registration(mode, mov, fix, forward, inverse, info)

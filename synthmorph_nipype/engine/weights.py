@@ -1,0 +1,100 @@
+"""Find and load model weights for a registration mode.
+
+Order of precedence: files given with ``-w``; the official FreeSurfer files under
+``$FREESURFER_HOME/models``; the package's embedded default (when one is installed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from ..errors import WeightsError
+from ..models.affine import AffineDetector
+from ..models.checkpoint import load_checkpoint
+from ..models.joint import HyperUNet, UNet
+from ..models.keras import load_keras
+
+MODES = ("affine", "rigid", "deform", "joint")
+OFFICIAL = {
+    "affine": ("synthmorph.affine.2.h5",),
+    "rigid": ("synthmorph.rigid.1.h5",),
+    "deform": ("synthmorph.deform.3.h5",),
+    "joint": ("synthmorph.affine.2.h5", "synthmorph.deform.3.h5"),
+}
+EMBEDDED = {"affine": "synthmorph_nipype.affine.pt", "rigid": "synthmorph_nipype.rigid.pt",
+            "deform": "synthmorph_nipype.joint.pt", "joint": "synthmorph_nipype.joint.pt"}
+
+
+@dataclass
+class Models:
+    """The networks a mode needs: a feature detector and/or a deformable U-Net."""
+
+    affine: AffineDetector | None = None
+    deform: UNet | None = None
+    sources: tuple[str, ...] = ()
+
+    def to(self, device) -> Models:
+        for m in (self.affine, self.deform):
+            if m is not None:
+                m.to(device)
+        return self
+
+
+def needs(mode: str) -> tuple[bool, bool]:
+    """Whether ``mode`` needs (a feature detector, a deformable network)."""
+    return mode in ("affine", "rigid", "joint"), mode in ("deform", "joint")
+
+
+def find_weights(mode: str, weights: list[str] | None = None) -> list[Path]:
+    """Weight files for ``mode``: ``weights`` if given, else FreeSurfer's, else embedded."""
+    if weights:
+        return [Path(w) for w in weights]
+    fs_home = os.environ.get("FREESURFER_HOME")
+    if fs_home:
+        files = [Path(fs_home) / "models" / name for name in OFFICIAL[mode]]
+        if all(f.is_file() for f in files):
+            return files
+    embedded = resources.files("synthmorph_nipype") / "data" / EMBEDDED[mode]
+    if embedded.is_file():
+        return [Path(str(embedded))]
+    raise WeightsError(
+        f"no SynthMorph weights installed for mode '{mode}': pass them with -w FILE "
+        f"(e.g. {' -w '.join(OFFICIAL[mode])} from FreeSurfer) or set FREESURFER_HOME "
+        "to a FreeSurfer installation that has them in models/")
+
+
+def load_models(mode: str, files: list[Path], *, lam: float = 0.5) -> Models:
+    """Load the parts ``mode`` needs from Keras ``.h5`` or torch ``.pt`` files."""
+    want_affine, want_deform = needs(mode)
+    rigid = mode == "rigid"
+    affine = deform = None
+    for path in files:
+        if not Path(path).is_file():
+            raise WeightsError(f"{path}: weights file not found")
+        if str(path).endswith((".pt", ".pth")):
+            parts = load_checkpoint(path)
+            found_affine, found_deform = parts["affine"], parts["deform"]
+            if isinstance(found_deform, HyperUNet) and want_deform:
+                found_deform = found_deform.specialize(lam)
+        else:
+            parts = load_keras(path, rigid=rigid, lam=lam, want_affine=want_affine,
+                               want_deform=want_deform)
+            found_affine, found_deform = parts.affine, parts.deform
+        if not want_affine and not want_deform:
+            continue
+        affine = affine or (found_affine if want_affine else None)
+        deform = deform or (found_deform if want_deform else None)
+    names = ", ".join(str(f) for f in files)
+    if want_affine and affine is None:
+        raise WeightsError(f"{names}: no affine feature detector in these weights, "
+                           f"mode '{mode}' needs one")
+    if want_deform and deform is None:
+        raise WeightsError(f"{names}: no deformable network in these weights, "
+                           f"mode '{mode}' needs one")
+    if affine is not None and affine.config.rigid != rigid:
+        affine.config = dataclasses.replace(affine.config, rigid=rigid)
+    return Models(affine, deform, tuple(str(f) for f in files))
