@@ -68,6 +68,7 @@ class OutputSet:
                 self.commit()
             except OSError as err:
                 self.discard()
-                raise SynthMorphError(f"{err.filename}: cannot write output ({err.strerror})")
+                raise SynthMorphError(
+                    f"{err.filename}: cannot write output ({err.strerror})") from None
         else:
             self.discard()

@@ -1,0 +1,1 @@
+"""The ``synthmorph`` command line."""

@@ -1,0 +1,84 @@
+"""What ``synthmorph register`` and ``synthmorph apply`` do, given parsed arguments."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from ..engine.register import pick_device, register as run_register, set_threads
+from ..engine.resample import header_only, resample, save_image
+from ..engine.weights import find_weights, load_models
+from ..errors import InputError, SynthMorphError
+from ..io.atomic import OutputSet
+from ..io.images import load_image
+from ..transforms.base import ImageGrid
+from ..transforms.io import load_transform, save_transform, transform_suffix
+
+LINEAR_ONLY = (".lta", ".txt", ".mat")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    for path in (args.out_moving, args.out_fixed, args.trans, args.inverse):
+        if path:
+            OutputSet.check_writable(path)
+    for path in (args.trans, args.inverse):
+        if path and transform_suffix(path) in LINEAR_ONLY and args.mode not in (
+                "affine", "rigid"):
+            raise SynthMorphError(f"{path}: this format holds affine transforms only; "
+                                  f"write the {args.mode} transform as .h5 or .nii.gz")
+    if args.header_only and args.mode not in ("affine", "rigid"):
+        raise SynthMorphError("-H (header only) needs an affine or rigid mode")
+
+
+def register(args: argparse.Namespace) -> None:
+    """``synthmorph register``."""
+    if not any((args.out_moving, args.out_fixed, args.trans, args.inverse)):
+        raise SynthMorphError("nothing to write: give at least one of -o, -O, -t, -T")
+    _check_outputs(args)
+    set_threads(args.threads)
+    device = pick_device(True if args.gpu else None)
+    moving, fixed = load_image(args.moving), load_image(args.fixed)
+    init = load_transform(args.init).chain if args.init else None
+    files = find_weights(args.mode, args.weights)
+    models = load_models(args.mode, files, lam=args.lam)
+    start = time.perf_counter()
+    result = run_register(moving, fixed, models, mode=args.mode, extent=args.extent,
+                          steps=args.steps, init=init, device=device)
+    elapsed = time.perf_counter() - start
+    with OutputSet() as out:
+        if args.trans:
+            save_transform(out.temp(args.trans), result.forward, source=result.moving,
+                           reference=result.fixed)
+        if args.inverse:
+            save_transform(out.temp(args.inverse), result.inverse, source=result.fixed,
+                           reference=result.moving)
+        for path, img, chain, grid in ((args.out_moving, moving, result.forward, result.fixed),
+                                       (args.out_fixed, fixed, result.inverse, result.moving)):
+            if path:
+                moved = header_only(img, chain) if args.header_only else resample(
+                    img, chain, grid)
+                save_image(moved, out.temp(path))
+    print(f"synthmorph register: {args.mode} registration done in {elapsed:.1f} s on {device}")
+
+
+def apply(args: argparse.Namespace) -> None:
+    """``synthmorph apply``."""
+    pairs = list(zip(args.pairs[::2], args.pairs[1::2], strict=True))
+    for _, output in pairs:
+        OutputSet.check_writable(output)
+    loaded = load_transform(args.transform)
+    if args.reference:
+        reference = ImageGrid.from_image(load_image(args.reference, check_values=False))
+    elif loaded.reference is not None:
+        reference = loaded.reference
+    elif not args.header_only:
+        raise InputError(f"{args.transform}: holds no output grid; give one with --reference")
+    with OutputSet() as out:
+        for inp, output in pairs:
+            img = load_image(inp, check_values=False)
+            if args.header_only:
+                moved = header_only(img, loaded.chain)
+            else:
+                moved = resample(img, loaded.chain, reference, method=args.method,
+                                 fill=args.fill, dtype=args.dtype)
+            save_image(moved, out.temp(output))

@@ -1,0 +1,106 @@
+"""Argument parsing for ``synthmorph``, flags modelled on FreeSurfer's ``mri_synthmorph``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import __version__
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are a single line."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"regularization weight must lie in (0, 1), got {text}")
+    return value
+
+
+def _extent(text: str) -> int:
+    if text not in ("192", "256"):
+        raise argparse.ArgumentTypeError(f"extent must be 192 or 256, got {text}")
+    return int(text)
+
+
+def _non_negative(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="synthmorph", description=(
+        "SynthMorph registration of brain images of any contrast, in PyTorch."))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    reg = sub.add_parser("register", help="register a moving image to a fixed image",
+                         description=(
+        "Register MOVING to FIXED. Transform formats follow the file name: .h5 (ITK "
+        "composite), .txt/.mat (ITK affine), .lta (FreeSurfer), .nii/.nii.gz (ITK "
+        "displacement field). -t maps as ITK/antsApplyTransforms expects for resampling "
+        "MOVING onto FIXED; -T is its inverse."))
+    reg.add_argument("moving", metavar="MOVING")
+    reg.add_argument("fixed", metavar="FIXED")
+    reg.add_argument("-m", "--model", dest="mode", default="joint",
+                     choices=("joint", "deform", "affine", "rigid"),
+                     help="transformation model (default: joint)")
+    reg.add_argument("-o", "--out-moving", metavar="MOVED", help="MOVING resampled onto FIXED")
+    reg.add_argument("-O", "--out-fixed", metavar="FIXED_MOVED",
+                     help="FIXED resampled onto MOVING")
+    reg.add_argument("-t", "--trans", metavar="FWD", help="output transform, MOVING to FIXED")
+    reg.add_argument("-T", "--inverse", metavar="INV", help="output inverse transform")
+    reg.add_argument("-H", "--header-only", action="store_true",
+                     help="-o/-O by changing the header, no resampling (affine, rigid)")
+    reg.add_argument("-i", "--init", metavar="INIT", help="initial affine transform (any format)")
+    reg.add_argument("-r", "--regularization", dest="lam", type=_unit_interval, default=0.5,
+                     metavar="LAMBDA", help="regularization weight in (0, 1) (default: 0.5)")
+    reg.add_argument("-n", "--steps", type=_non_negative, default=7,
+                     help="integration steps (default: 7)")
+    reg.add_argument("-e", "--extent", type=_extent, default=256,
+                     help="isotropic network extent, 192 or 256 (default: 256)")
+    reg.add_argument("-w", "--weights", action="append", metavar="WEIGHTS",
+                     help="model weights, .h5 (FreeSurfer/Keras) or .pt; repeatable")
+    reg.add_argument("-j", "--threads", type=_positive, metavar="N",
+                     help="CPU threads (default: all cores)")
+    reg.add_argument("-g", "--gpu", action="store_true", help="run on the GPU (CUDA)")
+
+    app = sub.add_parser("apply", help="apply a transform to images", description=(
+        "Resample each INPUT through TRANSFORM and write OUTPUT. Any format register "
+        "writes is accepted. The output grid is --reference, or the one the transform "
+        "file names (LTA destination, displacement-field grid)."))
+    app.add_argument("transform", metavar="TRANSFORM")
+    app.add_argument("pairs", nargs="+", metavar="INPUT OUTPUT")
+    app.add_argument("-m", "--method", default="linear", choices=("linear", "nearest"),
+                     help="interpolation (default: linear; nearest keeps labels)")
+    app.add_argument("--reference", metavar="FIXED", help="output grid image")
+    app.add_argument("-t", "--type", dest="dtype", metavar="DTYPE",
+                     choices=("uint8", "uint16", "int16", "int32", "float32", "float64"),
+                     help="output data type (default: the input's)")
+    app.add_argument("-f", "--fill", type=float, default=0.0, help="value outside (default: 0)")
+    app.add_argument("-H", "--header-only", action="store_true",
+                     help="change the header only (affine transforms)")
+    return parser
+
+
+def parse(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "apply" and len(args.pairs) % 2:
+        parser.exit(2, "synthmorph apply: error: inputs and outputs must come in pairs\n")
+    return args
