@@ -47,12 +47,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if key not in raw:
             continue
         entry = raw[key]
+        if not isinstance(entry, dict):
+            raise WeightsError(f"{path}: not a synthmorph-nipype checkpoint ({key!r} entry)")
         cls, cfg_cls = CLASSES.get(entry.get("class"), (None, None))
         if cls is None:
             raise WeightsError(f"{path}: unknown model class {entry.get('class')!r}")
-        model = cls(cfg_cls.from_dict(entry["config"]))
+        try:
+            model = cls(cfg_cls.from_dict(entry["config"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise WeightsError(f"{path}: invalid model configuration ({err})") from None
         try:
             model.load_state_dict(entry["state_dict"])
+        except KeyError:
+            raise WeightsError(f"{path}: {key!r} entry holds no weights") from None
         except RuntimeError as err:
             first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
             raise WeightsError(f"{path}: weights do not fit the stored architecture "

@@ -47,6 +47,8 @@ def read_layers(f: h5py.File, path: str) -> list[KerasLayer]:
         raise WeightsError(f"{path}: not a Keras weights file (no 'layer_names' attribute)")
     layers: list[KerasLayer] = []
     for group_name in (_decode(n) for n in root.attrs["layer_names"]):
+        if group_name not in root:
+            raise WeightsError(f"{path}: layer '{group_name}' is listed but has no group")
         group = root[group_name]
         for wname in (_decode(n) for n in group.attrs.get("weight_names", [])):
             layer_name, array_name = wname.rsplit("/", 1)
