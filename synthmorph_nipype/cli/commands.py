@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..engine.register import pick_device, register as run_register, set_threads
+from ..engine.register import pick_device, set_threads
+from ..engine.register import register as run_register
 from ..engine.resample import header_only, resample, save_image
 from ..engine.weights import find_weights, load_models
 from ..errors import InputError, SynthMorphError
@@ -15,12 +16,22 @@ from ..transforms.base import ImageGrid
 from ..transforms.io import load_transform, save_transform, transform_suffix
 
 LINEAR_ONLY = (".lta", ".txt", ".mat")
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
+
+
+def _check_image_output(path: str) -> None:
+    if not str(path).lower().endswith(IMAGE_SUFFIXES):
+        raise SynthMorphError(f"{path}: unknown image file type (use "
+                              f"{', '.join(IMAGE_SUFFIXES)})")
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
     for path in (args.out_moving, args.out_fixed, args.trans, args.inverse):
         if path:
             OutputSet.check_writable(path)
+    for path in (args.out_moving, args.out_fixed):
+        if path:
+            _check_image_output(path)
     for path in (args.trans, args.inverse):
         if path and transform_suffix(path) in LINEAR_ONLY and args.mode not in (
                 "affine", "rigid"):
@@ -66,6 +77,7 @@ def apply(args: argparse.Namespace) -> None:
     pairs = list(zip(args.pairs[::2], args.pairs[1::2], strict=True))
     for _, output in pairs:
         OutputSet.check_writable(output)
+        _check_image_output(output)
     loaded = load_transform(args.transform)
     if args.reference:
         reference = ImageGrid.from_image(load_image(args.reference, check_values=False))

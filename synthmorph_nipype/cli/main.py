@@ -15,10 +15,18 @@ def main(argv=None) -> int:
     try:
         if args.command == "register":
             commands.register(args)
-        else:
+        elif args.command == "apply":
             commands.apply(args)
+        else:
+            from .demo import run
+
+            run(args)
     except SynthMorphError as err:
         print(f"synthmorph {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # e.g. disk full or file name too long while writing
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"synthmorph {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
         return 1
     except MemoryError:
         print(f"synthmorph {args.command}: error: out of memory (try -e 192)", file=sys.stderr)

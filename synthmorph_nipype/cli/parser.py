@@ -95,6 +95,20 @@ def build_parser() -> Parser:
     app.add_argument("-f", "--fill", type=float, default=0.0, help="value outside (default: 0)")
     app.add_argument("-H", "--header-only", action="store_true",
                      help="change the header only (affine transforms)")
+
+    demo = sub.add_parser("demo", help="make a pair with a known transform and register it",
+                          description=(
+        "Write a registration problem with a known answer, made from the template nilearn "
+        "ships (fixed: the template; moving: re-contrasted, oblique, anisotropic, moved by a "
+        "known affine), register it with the installed or given weights, and report the "
+        "error against the truth."))
+    demo.add_argument("outdir", metavar="OUTDIR")
+    demo.add_argument("-m", "--model", dest="mode", default="affine",
+                      choices=("joint", "affine", "rigid"))
+    demo.add_argument("-e", "--extent", type=_extent, default=256)
+    demo.add_argument("-w", "--weights", action="append", metavar="WEIGHTS")
+    demo.add_argument("-j", "--threads", type=_positive, metavar="N")
+    demo.add_argument("-g", "--gpu", action="store_true")
     return parser
 
 
