@@ -75,7 +75,7 @@ def test_network_space_and_inputs(images):
     np.testing.assert_allclose(n2m, ref["net_to_mov"], atol=1e-9)
     np.testing.assert_allclose(n2f, ref["net_to_fix"], atol=1e-9)
     np.testing.assert_allclose(inp_1.numpy(), inputs["net_inp_1"][0, ..., 0], atol=4e-5)
-    np.testing.assert_allclose(inp_2.numpy(), inputs["net_inp_2"][0, ..., 0], atol=1e-6)
+    np.testing.assert_allclose(inp_2.numpy(), inputs["net_inp_2"][0, ..., 0], atol=1e-5)
     deform = npz("expected", "deform", "matrices.npz")
     n2m_fixed_centre = net_to_image(mov.affine, center_ras(fix.affine, fix.shape), 192)
     assert not np.allclose(n2m_fixed_centre, deform["net_to_mov"], atol=1e-3)  # -i folded in
