@@ -15,7 +15,8 @@ def conform(data: np.ndarray | torch.Tensor, net_to_img: np.ndarray, extent: int
     (the matrix cast to float32, as the official code), then min-max scaled to [0, 1]."""
     vol = torch.as_tensor(np.asarray(data, np.float32), device=device)
     points = affine_points(net_to_img, (extent,) * 3, device=device)
-    out = sample_linear(vol, points, boundary="zeros")
+    # interpolate in float64 so that float32 coordinate normalisation adds no error
+    out = sample_linear(vol.double(), points, boundary="zeros").float()
     out = out - out.min()
     top = out.max()
     return out / top if top > 0 else out
