@@ -35,28 +35,47 @@ class OutputSet:
         """Fail early, before any computation, when ``path`` cannot be written."""
         path = Path(path)
         parent = path.parent if str(path.parent) else Path(".")
-        if not parent.is_dir():
-            raise SynthMorphError(f"{path}: output directory {parent} does not exist")
-        if path.is_dir():
-            raise SynthMorphError(f"{path}: is a directory, cannot write an output there")
-        if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        try:
+            if not parent.is_dir():
+                raise SynthMorphError(f"{path}: output directory {parent} does not exist")
+            if path.is_dir():
+                raise SynthMorphError(f"{path}: is a directory, cannot write an output there")
+            writable = os.access(parent, os.W_OK) and (
+                not path.exists() or os.access(path, os.W_OK))
+        except OSError as err:  # e.g. a file name too long for the file system
+            raise SynthMorphError(f"{path}: cannot write here ({err.strerror})") from None
+        if not writable:
             raise SynthMorphError(f"{path}: cannot write here (permission denied)")
 
     def temp(self, path: str | Path) -> Path:
         """A temporary path next to ``path``, with the same suffix (formats follow it)."""
         path = Path(path)
-        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{_suffix(path)}"
+        stem = path.name[:100]  # the temporary name must not exceed the final one's limit
+        tmp = path.parent / f".{stem}.{uuid.uuid4().hex[:8]}.tmp{_suffix(path)}"
         self._pending.append((tmp, path))
         return tmp
 
     def commit(self) -> None:
-        for tmp, final in self._pending:
-            os.replace(tmp, final)
+        for _, final in self._pending:
+            if final.is_dir():
+                raise IsADirectoryError(21, "is a directory", str(final))
+        done: list[Path] = []
+        try:
+            for tmp, final in self._pending:
+                os.replace(tmp, final)
+                done.append(final)
+        except OSError:
+            for final in done:  # all or nothing: take back what was already renamed
+                final.unlink(missing_ok=True)
+            raise
         self._pending.clear()
 
     def discard(self) -> None:
         for tmp, _ in self._pending:
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
         self._pending.clear()
 
     def __enter__(self) -> OutputSet:
