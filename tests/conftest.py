@@ -22,8 +22,8 @@ TINY_UNET = UNetConfig(hyp_units=(4, 6, 8, 8), enc_nf=(4, 5, 6, 7), dec_nf=(7, 6
 
 
 def tiny_models(seed: int = 0, field_scale: float = 0.05):
-    """Seeded random tiny models; the last U-Net layer is scaled to give smooth, small
-    (a few voxels) velocity fields, so warps stay invertible."""
+    """Seeded random tiny models; the last U-Net layer is scaled down so that velocity
+    fields stay moderate (tests that invert warps scale it down further)."""
     torch.manual_seed(seed)
     affine = AffineDetector(TINY_AFFINE).eval()
     deform = HyperUNet(TINY_UNET).eval()

@@ -35,6 +35,7 @@ from synthmorph_nipype.transforms import (
     load_transform,
     save_transform,
 )
+from synthmorph_nipype.transforms.base import rotation
 
 pytestmark = pytest.mark.filterwarnings("ignore:Reference space not set")  # nitransforms
 
@@ -49,15 +50,6 @@ METRICS: dict[str, list[tuple[str, float]]] = {"corr": [], "point": [], "roundtr
 
 
 # --------------------------------------------------------------------------- helpers
-def rotation(angles_deg) -> np.ndarray:
-    """Rotation about x, then y, then z (degrees)."""
-    ax, ay, az = np.deg2rad(angles_deg)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 def known_affine(rot=(0, 0, 0), shift=(0, 0, 0), scale=(1, 1, 1), shear=(0, 0, 0)):
     """4x4 RAS matrix ``[R @ Sh @ S | t]`` (shear: the upper triangle xy, xz, yz)."""
     sh = np.eye(3)

@@ -25,6 +25,7 @@ from synthmorph_nipype.transforms import (
     save_transform,
     write_lta,
 )
+from synthmorph_nipype.transforms.base import rotation
 from synthmorph_nipype.transforms.itk import read_itk_h5
 
 FLIP = np.array([-1.0, -1.0, 1.0])
@@ -33,15 +34,6 @@ FIELD_TOL = 1e-3
 
 
 # --------------------------------------------------------------------------- helpers
-def rotation(angles_deg) -> np.ndarray:
-    """Rotation about x, then y, then z."""
-    ax, ay, az = np.deg2rad(angles_deg)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 def random_affine(rng: np.random.Generator) -> np.ndarray:
     """Rotation <= 15 deg per axis, shift <= 20 mm, scale 0.9-1.1, shear <= 0.1."""
     shear = np.eye(3)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from ..engine.register import pick_device, set_threads
 from ..engine.register import register as run_register
-from ..engine.resample import header_only, resample, save_image
+from ..engine.resample import has_shear, header_only, resample, save_image
 from ..engine.weights import find_weights, load_models
 from ..errors import InputError, SynthMorphError
 from ..io.atomic import OutputSet
@@ -41,6 +42,15 @@ def _check_outputs(args: argparse.Namespace) -> None:
         raise SynthMorphError("-H (header only) needs an affine or rigid mode")
 
 
+def _header_only(img, chain, command: str):
+    moved = header_only(img, chain)
+    if has_shear(moved.affine):
+        print(f"synthmorph {command}: warning: the moved header has shear, which only the "
+              "NIfTI sform holds; ITK-based tools read the qform and will misplace it "
+              "(resample instead of -H)", file=sys.stderr)
+    return moved
+
+
 def register(args: argparse.Namespace) -> None:
     """``synthmorph register``."""
     if not any((args.out_moving, args.out_fixed, args.trans, args.inverse)):
@@ -66,7 +76,7 @@ def register(args: argparse.Namespace) -> None:
         for path, img, chain, grid in ((args.out_moving, moving, result.forward, result.fixed),
                                        (args.out_fixed, fixed, result.inverse, result.moving)):
             if path:
-                moved = header_only(img, chain) if args.header_only else resample(
+                moved = _header_only(img, chain, "register") if args.header_only else resample(
                     img, chain, grid)
                 save_image(moved, out.temp(path))
     print(f"synthmorph register: {args.mode} registration done in {elapsed:.1f} s on {device}")
@@ -89,7 +99,7 @@ def apply(args: argparse.Namespace) -> None:
         for inp, output in pairs:
             img = load_image(inp, check_values=False)
             if args.header_only:
-                moved = header_only(img, loaded.chain)
+                moved = _header_only(img, loaded.chain, "apply")
             else:
                 moved = resample(img, loaded.chain, reference, method=args.method,
                                  fill=args.fill, dtype=args.dtype)

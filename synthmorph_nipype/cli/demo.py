@@ -14,19 +14,14 @@ from ..engine.resample import resample, save_image
 from ..engine.weights import find_weights, load_models
 from ..errors import WeightsError
 from ..io.atomic import OutputSet
-from ..transforms.base import Affine, ImageGrid
+from ..transforms.base import Affine, ImageGrid, rotation
 from ..transforms.io import save_transform
 
 
-def rotation(rx: float, ry: float, rz: float) -> np.ndarray:
+def rotation4(rx: float, ry: float, rz: float) -> np.ndarray:
     """4x4 rotation about the RAS axes (degrees), x applied first."""
-    cx, cy, cz = np.cos(np.radians([rx, ry, rz]))
-    sx, sy, sz = np.sin(np.radians([rx, ry, rz]))
-    mx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    my = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    mz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
     out = np.eye(4)
-    out[:3, :3] = mz @ my @ mx
+    out[:3, :3] = rotation((rx, ry, rz))
     return out
 
 
@@ -39,11 +34,11 @@ def make_pair(outdir: Path) -> tuple[Path, Path, Affine]:
     data = np.asarray(tpl.get_fdata(), np.float32)
     fixed = nb.Nifti1Image(data, tpl.affine)
     # anatomy at fixed point p sits at moving point A p
-    move = rotation(8, -6, 10)
+    move = rotation4(8, -6, 10)
     move[:3, :3] *= 1.04
     move[:3, 3] = [10, -7, 5]
     truth = Affine(move)  # fixed RAS -> moving RAS
-    grid_rot = rotation(12, -9, 5)
+    grid_rot = rotation4(12, -9, 5)
     vox = np.diag([1.2, 1.0, 1.5, 1.0])
     shape = (170, 200, 135)
     mov_affine = grid_rot @ vox

@@ -90,9 +90,8 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
         mov_net2ras = init_affine.matrix @ fix_net2ras
     else:
         init_affine = Affine(np.eye(4))
-        center = fix.shape if mode == "deform" else mov.shape
-        grid = fix if mode == "deform" else mov
-        mov_net2ras = net_to_ras(center_ras(grid.affine, center), extent)
+        centre_on = fix if mode == "deform" else mov  # deform: inputs already aligned
+        mov_net2ras = net_to_ras(center_ras(centre_on.affine, centre_on.shape), extent)
     device = torch.device(device)
     inp_1 = conform(image_data(moving), np.linalg.inv(mov.affine) @ mov_net2ras, extent, device)
     inp_2 = conform(image_data(fixed), np.linalg.inv(fix.affine) @ fix_net2ras, extent, device)

@@ -78,6 +78,19 @@ def save_image(img, path: str | Path) -> None:
     nb.save(img, str(path))
 
 
+def has_shear(affine: np.ndarray, tol: float = 1e-4) -> bool:
+    """Whether a voxel-to-world matrix has shear (non-orthogonal axes), which a NIfTI qform
+    cannot hold.
+
+    >>> has_shear(np.diag([2.0, 1.0, 3.0, 1.0])), has_shear(np.array(
+    ...     [[1, 0.2, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]))
+    (False, True)
+    """
+    m = np.asarray(affine, float)[:3, :3]
+    axes = m / np.linalg.norm(m, axis=0)
+    return not np.allclose(axes.T @ axes, np.eye(3), atol=tol)
+
+
 def header_only(img, transform: Transform):
     """Move ``img`` by changing its voxel-to-world matrix only (affine transforms)."""
     affine = transform.as_affine() if hasattr(transform, "as_affine") else None

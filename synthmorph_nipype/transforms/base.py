@@ -33,6 +33,19 @@ def _apply_matrix(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ matrix[:3, :3].T + matrix[:3, 3]
 
 
+def rotation(angles_deg) -> np.ndarray:
+    """3x3 rotation about the x, y and z axes (degrees), x applied first: ``Rz @ Ry @ Rx``.
+
+    >>> np.round(rotation((0, 0, 90)) @ [1, 0, 0], 6)
+    array([0., 1., 0.])
+    """
+    ax, ay, az = np.deg2rad(np.asarray(angles_deg, dtype=np.float64))
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
 class ImageGrid(NamedTuple):
     """A voxel grid: array shape and voxel-to-RAS matrix.
 
