@@ -321,7 +321,7 @@ def test_h5_layout(tmp_path):
         assert group["1/TransformType"][0].startswith(b"AffineTransform")
         assert group["2/TransformType"][0].startswith(b"DisplacementFieldTransform")
         params = group["2/TransformParameters"]
-        # dense fields are stored in their own (float32) precision, gzip-compressed
+        # dense fields are stored in their own (float32) precision
         assert params.dtype == (np.float32 if params.size > 4096 else np.float64)
         assert group["1/TransformParameters"].dtype == np.float64
         assert group["2/TransformFixedParameters"].shape == (18,)

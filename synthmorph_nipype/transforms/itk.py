@@ -282,14 +282,11 @@ def write_itk_h5(path: str | os.PathLike, chain: Transform) -> None:
             sub = group.create_group(str(i))
             _write_string(sub, "TransformType", kind)
             sub.create_dataset("TransformFixedParameters", data=fixed.astype(np.float64))
-            # Dense fields: float32 values (their precision; HDF5 converts on read) and gzip,
-            # which every HDF5 reader decodes.
+            # Dense fields in their own (float32) precision; HDF5 converts on read. No gzip:
+            # float32 fields shrink by under 10% for seconds of compression.
             big = params.size > 4096
             sub.create_dataset("TransformParameters",
-                               data=params.astype(np.float32 if big else np.float64),
-                               compression="gzip" if big else None,
-                               compression_opts=1 if big else None,
-                               chunks=(min(params.size, 1 << 18),) if big else None)
+                               data=params.astype(np.float32 if big else np.float64))
 
 
 def _h5_string(dataset) -> str:
