@@ -586,3 +586,91 @@ def test_apply_nearest_keeps_labels(inputs, tmp_path):
     data = np.asanyarray(nb.load(str(out)).dataobj)
     assert data.dtype == np.int16
     assert set(np.unique(data)) == {0, 3, 41}
+
+
+# --------------------------------------------------------------------------- review fixes
+def test_apply_nearest_unsigned_and_mgz_types(inputs, tmp_path):
+    """uint16 labels through nearest keep their values; MGZ gets a type it can hold."""
+    labels = (blob() * 3).astype(np.uint16) * 1000
+    src = save(labels, np.diag([3.0, 3.0, 3.0, 1.0]), tmp_path / "labels.nii.gz")
+    assert run_main(["apply", "-m", "nearest", "--reference", src, inputs["identity_txt"],
+                     src, tmp_path / "out.nii.gz", src, tmp_path / "out.mgz"]) == 0
+    out = nb.load(str(tmp_path / "out.nii.gz"))
+    assert out.get_data_dtype() == np.uint16
+    np.testing.assert_array_equal(np.asarray(out.dataobj), labels)
+    mgz = nb.load(str(tmp_path / "out.mgz"))
+    assert mgz.get_data_dtype().newbyteorder("=") == np.int32  # MGH has no uint16
+    np.testing.assert_array_equal(np.asarray(mgz.dataobj), labels)
+
+
+def test_apply_fill_must_fit_the_output_type(inputs, tmp_path, capfd):
+    labels = save((blob() * 3).astype(np.uint8), np.diag([3.0, 3.0, 3.0, 1.0]),
+                  tmp_path / "labels.nii.gz")
+    argv = ["apply", "-m", "nearest", "-f", "-1", "--reference", labels,
+            inputs["identity_txt"], labels, tmp_path / "out.nii.gz"]
+    assert run_main(argv) == 1
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fill value -1" in err[0] and "uint8" in err[0]
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_upper_case_suffixes(inputs, tiny_weights, tmp_path):
+    assert run_main(["register", "-m", "affine", "-e", "192", "-j", "1", "-w",
+                     tiny_weights["affine"], "-t", tmp_path / "FWD.TXT", "-o",
+                     tmp_path / "MOVED.NII.GZ", inputs["mov"], inputs["fix"]]) == 0
+    assert listing(tmp_path) == ["FWD.TXT", "MOVED.NII.GZ"]
+    assert nb.load(str(tmp_path / "MOVED.NII.GZ")).shape == nb.load(str(inputs["fix"])).shape
+    assert load_transform(tmp_path / "FWD.TXT").chain.as_affine() is not None
+
+
+def test_sheared_grid_refused_before_registering(inputs, tiny_weights, tmp_path, capfd):
+    img = nb.load(str(inputs["fix"]))
+    sheared = img.affine.copy()
+    sheared[0, 1] = 0.4
+    fix = save(np.asarray(img.dataobj), sheared, tmp_path / "sheared.nii.gz")
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["register", "-m", "joint", "-e", "192", "-w", tiny_weights["joint"],
+            "-t", out / "fw.h5", inputs["mov"], fix]
+    start = time.perf_counter()
+    assert run_main(argv) == 1
+    assert time.perf_counter() - start < 5  # refused before the networks run
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fw.h5" in err[0] and "sheared" in err[0]
+    assert listing(out) == []
+
+
+def test_non_affine_init_named(inputs, tiny_weights, tmp_path, capfd):
+    grid = nb.load(str(inputs["fix"]))
+    from synthmorph_nipype.transforms.base import ImageGrid
+
+    field = DisplacementField(ImageGrid.from_image(grid),
+                              np.zeros((*grid.shape, 3), np.float32))
+    save_transform(tmp_path / "init.nii.gz", field)
+    assert run_main(["register", "-m", "affine", "-e", "192", "-w", tiny_weights["affine"],
+                     "-i", tmp_path / "init.nii.gz", "-t", tmp_path / "fw.lta",
+                     inputs["mov"], inputs["fix"]]) == 1
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "init.nii.gz" in err[0] and "affine" in err[0]
+
+
+def test_cpu_flag_and_device_choice():
+    from synthmorph_nipype.engine.register import pick_device
+
+    assert pick_device(False).type == "cpu"
+    if not torch.cuda.is_available():
+        assert pick_device(None).type == "cpu"
+        with pytest.raises(Exception, match="CUDA is not available"):
+            pick_device(True)
+    with pytest.raises(SystemExit):  # -g and --cpu exclude each other
+        main(["register", "-g", "--cpu", "-t", "x.lta", "a.nii", "b.nii"])
+
+
+def test_bare_affine_works_in_the_api(inputs):
+    from synthmorph_nipype.engine.resample import header_only
+
+    img = nb.load(str(inputs["mov"]))
+    shift = np.eye(4)
+    shift[:3, 3] = [5.0, -3.0, 2.0]
+    moved = header_only(img, Affine(shift))
+    np.testing.assert_allclose(moved.affine, np.linalg.inv(shift) @ img.affine)

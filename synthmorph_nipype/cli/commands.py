@@ -8,12 +8,12 @@ import time
 
 from ..engine.register import pick_device, set_threads
 from ..engine.register import register as run_register
-from ..engine.resample import has_shear, header_only, resample, save_image
+from ..engine.resample import header_only, resample, save_image
 from ..engine.weights import find_weights, load_models
 from ..errors import InputError, SynthMorphError
 from ..io.atomic import OutputSet
 from ..io.images import load_image
-from ..transforms.base import ImageGrid
+from ..transforms.base import ImageGrid, has_shear
 from ..transforms.io import load_transform, save_transform, transform_suffix
 
 LINEAR_ONLY = (".lta", ".txt", ".mat")
@@ -57,9 +57,18 @@ def register(args: argparse.Namespace) -> None:
         raise SynthMorphError("nothing to write: give at least one of -o, -O, -t, -T")
     _check_outputs(args)
     set_threads(args.threads)
-    device = pick_device(True if args.gpu else None)
+    device = pick_device(False if args.cpu else True if args.gpu else None)
     moving, fixed = load_image(args.moving), load_image(args.fixed)
-    init = load_transform(args.init).chain if args.init else None
+    for path, img in ((args.trans, fixed), (args.inverse, moving)):
+        if path and transform_suffix(path) in (".h5", ".nii", ".nii.gz") and has_shear(
+                img.affine) and args.mode not in ("affine", "rigid"):
+            raise InputError(f"{path}: ITK displacement fields cannot live on the sheared "
+                             f"voxel grid of {img.get_filename()}; resample it first")
+    init = None
+    if args.init:
+        init = load_transform(args.init).chain
+        if init.as_affine() is None:
+            raise InputError(f"{args.init}: the initial transform must be affine")
     files = find_weights(args.mode, args.weights)
     models = load_models(args.mode, files, lam=args.lam)
     start = time.perf_counter()

@@ -28,8 +28,13 @@ def main(argv=None) -> int:
         where = f"{err.filename}: " if err.filename else ""
         print(f"synthmorph {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
         return 1
-    except MemoryError:
-        print(f"synthmorph {args.command}: error: out of memory (try -e 192)", file=sys.stderr)
+    except (MemoryError, RuntimeError) as err:  # torch reports allocation failures so
+        text = str(err).lower()
+        if not isinstance(err, MemoryError) and not any(
+                s in text for s in ("out of memory", "can't allocate", "cannot allocate")):
+            raise
+        print(f"synthmorph {args.command}: error: out of memory (try -e 192, or the CPU "
+              "with --cpu when the GPU is too small)", file=sys.stderr)
         return 1
     return 0
 

@@ -78,7 +78,10 @@ def build_parser() -> Parser:
                      help="model weights, .h5 (FreeSurfer/Keras) or .pt; repeatable")
     reg.add_argument("-j", "--threads", type=_positive, metavar="N",
                      help="CPU threads (default: all cores)")
-    reg.add_argument("-g", "--gpu", action="store_true", help="run on the GPU (CUDA)")
+    dev = reg.add_mutually_exclusive_group()
+    dev.add_argument("-g", "--gpu", action="store_true",
+                     help="run on the GPU (CUDA); by default it is used when present")
+    dev.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is present")
 
     app = sub.add_parser("apply", help="apply a transform to images", description=(
         "Resample each INPUT through TRANSFORM and write OUTPUT. Any format register "

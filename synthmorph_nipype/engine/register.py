@@ -15,7 +15,7 @@ import torch
 
 from ..errors import SynthMorphError
 from ..io.images import image_data
-from ..transforms.base import Affine, Chain, DisplacementField, ImageGrid
+from ..transforms.base import Affine, Chain, DisplacementField, ImageGrid, Transform
 from .compose import push_field, residual_field, world_field, world_matrix
 from .conform import conform
 from .network import run_affine, run_deformable
@@ -40,13 +40,10 @@ class Registration:
     inverse: Chain
     info: dict = field(default_factory=dict)
 
-    @property
-    def is_linear(self) -> bool:
-        return self.mode in ("affine", "rigid")
-
 
 def pick_device(gpu: bool | None = None) -> torch.device:
-    """``cuda`` when asked for (an error if absent) or, with ``gpu=None``, when present."""
+    """``cuda`` when asked for (an error if absent), the CPU with ``gpu=False``, and with
+    ``gpu=None`` CUDA when present."""
     if gpu and not torch.cuda.is_available():
         raise SynthMorphError("GPU requested but CUDA is not available on this machine")
     if gpu is None:
@@ -56,11 +53,11 @@ def pick_device(gpu: bool | None = None) -> torch.device:
 
 def set_threads(threads: int | None) -> None:
     """Use ``threads`` CPU threads (default: all cores)."""
-    torch.set_num_threads(max(1, threads or os.cpu_count() or 1))
+    torch.set_num_threads(max(1, threads or len(os.sched_getaffinity(0))))
 
 
 def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int = 256,
-             steps: int = 7, init: Chain | None = None,
+             steps: int = 7, init: Transform | None = None,
              device: torch.device | str = "cpu") -> Registration:
     """Register ``moving`` to ``fixed`` (nibabel images, any orientation and voxel size).
 

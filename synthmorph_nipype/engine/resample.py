@@ -27,9 +27,13 @@ def resample(img, transform: Transform, reference: ImageGrid, *, method: str = "
     if method not in ("linear", "nearest"):
         raise SynthMorphError(f"unknown interpolation {method!r}, use linear or nearest")
     src = np.asanyarray(img.dataobj)
-    src = src.reshape(src.shape[:3] + src.shape[3:]) if src.ndim > 3 else src
-    vol = torch.from_numpy(np.ascontiguousarray(src, dtype=np.float32 if method == "linear"
-                                                else src.dtype.newbyteorder("=")))
+    stored = np.dtype(img.get_data_dtype())
+    # default: the stored type, unless the image is scaled (then its values are floats)
+    out_dtype = np.dtype(dtype) if dtype else stored if src.dtype == stored else np.dtype("f4")
+    _check_fill(fill, out_dtype)
+    work = np.float32 if method == "linear" else (
+        np.int64 if src.dtype.kind in "biu" else src.dtype.newbyteorder("="))
+    vol = torch.from_numpy(np.ascontiguousarray(src, dtype=work))
     if vol.ndim > 3:
         vol = vol.reshape(*vol.shape[:3], -1)
     to_index = np.linalg.inv(np.asarray(img.affine, float))
@@ -43,8 +47,14 @@ def resample(img, transform: Transform, reference: ImageGrid, *, method: str = "
         else:
             out.append(sample_nearest(vol, idx, fill=fill))
     data = torch.cat(out).reshape(*reference.shape, *vol.shape[3:]).numpy()
-    return make_image(img, _cast(data, np.dtype(dtype) if dtype else src.dtype),
-                      reference.affine)
+    return make_image(img, _cast(data, out_dtype), reference.affine)
+
+
+def _check_fill(fill: float, dtype: np.dtype) -> None:
+    if dtype.kind in "biu":
+        info = np.iinfo(dtype) if dtype.kind != "b" else np.iinfo(np.uint8)
+        if fill != int(fill) or not info.min <= fill <= info.max:
+            raise SynthMorphError(f"fill value {fill:g} does not fit the output type {dtype}")
 
 
 def _cast(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -68,27 +78,21 @@ def make_image(like, data: np.ndarray, affine: np.ndarray):
     return nb.Nifti1Image(data, affine)
 
 
+MGH_TYPES = {"u1": "u1", "i1": "i2", "i2": "i2", "u2": "i4", "i4": "i4", "u4": "f4",
+             "i8": "f4", "u8": "f4", "f2": "f4", "f4": "f4", "f8": "f4", "b1": "u1"}
+
+
 def save_image(img, path: str | Path) -> None:
-    """Save in the format the file name asks for (``.mgz``/``.mgh`` or NIfTI)."""
+    """Save in the format the file name asks for (``.mgz``/``.mgh`` or NIfTI); MGH files
+    get the nearest type they can hold (uint8, int16, int32, float32)."""
     name = str(path).lower()
-    if name.endswith((".mgz", ".mgh")) and not isinstance(img, nb.MGHImage):
-        img = nb.MGHImage(np.asarray(img.dataobj), img.affine)
+    if name.endswith((".mgz", ".mgh")):
+        data = np.asanyarray(img.dataobj)
+        mgh = np.dtype(MGH_TYPES.get(data.dtype.str[1:], "f4"))
+        img = nb.MGHImage(data.astype(mgh), img.affine)
     elif not name.endswith((".mgz", ".mgh")) and isinstance(img, nb.MGHImage):
         img = nb.Nifti1Image(np.asarray(img.dataobj), img.affine)
     nb.save(img, str(path))
-
-
-def has_shear(affine: np.ndarray, tol: float = 1e-4) -> bool:
-    """Whether a voxel-to-world matrix has shear (non-orthogonal axes), which a NIfTI qform
-    cannot hold.
-
-    >>> has_shear(np.diag([2.0, 1.0, 3.0, 1.0])), has_shear(np.array(
-    ...     [[1, 0.2, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]))
-    (False, True)
-    """
-    m = np.asarray(affine, float)[:3, :3]
-    axes = m / np.linalg.norm(m, axis=0)
-    return not np.allclose(axes.T @ axes, np.eye(3), atol=tol)
 
 
 def header_only(img, transform: Transform):

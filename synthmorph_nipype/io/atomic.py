@@ -10,10 +10,11 @@ from ..errors import SynthMorphError
 
 
 def _suffix(path: Path) -> str:
+    """The file type suffix in its original spelling (``.nii.gz`` counts as one)."""
     name = path.name
     for double in (".nii.gz", ".tar.gz"):
-        if name.endswith(double):
-            return double
+        if name.lower().endswith(double):
+            return name[-len(double):]
     return path.suffix
 
 

@@ -19,7 +19,7 @@ import torch
 from ..errors import WeightsError
 from .affine import AffineConfig, AffineDetector
 from .joint import HyperUNet, UNet, UNetConfig
-from .layers import HyperConv3d
+from .layers import HyperConv3d, hyper_conv_weights
 
 LEVELS = 4  # encoder levels of both official networks
 
@@ -176,12 +176,12 @@ def unet_from_layers(dense, hyper, path: str, lam: float) -> UNet:
     h = shell.hyper_features(lam)
     unet = UNet(config)
     for conv, layer in zip(unet.convs, hyper, strict=True):
-        one = HyperConv3d(h.shape[1], conv.in_channels, conv.out_channels)
-        _copy_hyper(one, layer)
-        weight, bias = one.kernel(h)
+        arrays = [torch.from_numpy(np.asarray(a[()], np.float32)) for a in layer.arrays]
+        weight, bias = hyper_conv_weights(h, arrays[0].T, arrays[1], arrays[2].T, arrays[3],
+                                          conv.in_channels, conv.out_channels)
         conv.weight.copy_(weight)
         conv.bias.copy_(bias)
-        del one
+        del arrays
     return unet.eval()
 
 

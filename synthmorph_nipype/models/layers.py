@@ -12,13 +12,23 @@ def conv3(cin: int, cout: int) -> nn.Conv3d:
     return nn.Conv3d(cin, cout, kernel_size=3, padding=1)
 
 
-class HyperConv3d(nn.Module):
-    """3x3x3 convolution whose kernel and bias are linear functions of a hyper-feature ``h``.
+def hyper_conv_weights(h: torch.Tensor, kernel_w: torch.Tensor, kernel_b: torch.Tensor,
+                       bias_w: torch.Tensor, bias_b: torch.Tensor, cin: int, cout: int):
+    """Convolution weights a hyper-layer predicts for the hyper-feature ``h``.
 
     As neurite's ``HyperConvFromDense``: ``kernel = reshape(h @ K + k, (3, 3, 3, cin, cout))``
-    (C order, channels last) and ``bias = h @ B + b``. :meth:`kernel` returns the torch
-    layout ``(cout, cin, 3, 3, 3)``.
+    (C order, channels last) and ``bias = h @ B + b``, with ``K``/``B`` given in
+    ``nn.Linear`` layout (``out x in``). Returns the torch kernel ``(cout, cin, 3, 3, 3)``
+    and bias ``(cout,)``.
     """
+    h = h.reshape(1, -1)
+    kernel = F.linear(h, kernel_w, kernel_b).reshape(3, 3, 3, cin, cout)
+    return kernel.permute(4, 3, 0, 1, 2).contiguous(), F.linear(h, bias_w, bias_b)[0]
+
+
+class HyperConv3d(nn.Module):
+    """3x3x3 convolution whose kernel and bias are linear functions of a hyper-feature ``h``
+    (see :func:`hyper_conv_weights`)."""
 
     def __init__(self, hyp_features: int, cin: int, cout: int):
         super().__init__()
@@ -28,17 +38,9 @@ class HyperConv3d(nn.Module):
 
     def kernel(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Kernel ``(cout, cin, 3, 3, 3)`` and bias ``(cout,)`` for one hyper-feature ``h``."""
-        k = self.hyperkernel(h.reshape(1, -1)).reshape(3, 3, 3, self.cin, self.cout)
-        return k.permute(4, 3, 0, 1, 2).contiguous(), self.hyperbias(h.reshape(1, -1))[0]
-
-    def to_conv(self, h: torch.Tensor) -> nn.Conv3d:
-        """An ordinary convolution with the weights predicted for ``h``."""
-        conv = conv3(self.cin, self.cout)
-        weight, bias = self.kernel(h)
-        with torch.no_grad():
-            conv.weight.copy_(weight)
-            conv.bias.copy_(bias)
-        return conv
+        return hyper_conv_weights(h, self.hyperkernel.weight, self.hyperkernel.bias,
+                                  self.hyperbias.weight, self.hyperbias.bias,
+                                  self.cin, self.cout)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         weight, bias = self.kernel(h)

@@ -46,6 +46,19 @@ def rotation(angles_deg) -> np.ndarray:
     return rz @ ry @ rx
 
 
+def has_shear(affine, tol: float = 1e-4) -> bool:
+    """Whether a voxel-to-world matrix has non-orthogonal axes (which neither ITK images
+    nor a NIfTI qform can hold).
+
+    >>> has_shear(np.diag([2.0, 1.0, 3.0, 1.0])), has_shear(np.array(
+    ...     [[1, 0.2, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]))
+    (False, True)
+    """
+    m = np.asarray(affine, float)[:3, :3]
+    axes = m / np.linalg.norm(m, axis=0)
+    return not np.allclose(axes.T @ axes, np.eye(3), atol=tol)
+
+
 class ImageGrid(NamedTuple):
     """A voxel grid: array shape and voxel-to-RAS matrix.
 
@@ -101,6 +114,10 @@ class Transform(ABC):
     def map(self, points) -> np.ndarray:
         """Map ``(N, 3)`` RAS points of the reference space to the source space."""
 
+    def as_affine(self) -> Affine | None:
+        """This transform as one :class:`Affine`, or None when it is not affine."""
+        return None
+
 
 class Affine(Transform):
     """An affine pull-back map given by a 4x4 RAS-to-RAS matrix.
@@ -124,6 +141,9 @@ class Affine(Transform):
     def map(self, points) -> np.ndarray:
         """Apply the matrix to ``(N, 3)`` points."""
         return _apply_matrix(self.matrix, as_points(points))
+
+    def as_affine(self) -> Affine:
+        return self
 
     def inverse(self) -> Affine:
         """The inverse map (push-forward of this pull-back)."""

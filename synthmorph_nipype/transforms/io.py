@@ -74,8 +74,9 @@ def load_transform(path: str | os.PathLike) -> LoadedTransform:
         return LoadedTransform(Chain([itk.read_itk_mat(path)]), None)
     if suffix == ".h5":
         chain = itk.read_itk_h5(path)
-        fields = [t for t in chain if isinstance(t, DisplacementField)]
-        return LoadedTransform(chain, fields[0].grid if fields else None)
+        first = chain[-1] if len(chain) else None  # the member applied first
+        grid = first.grid if isinstance(first, DisplacementField) else None
+        return LoadedTransform(chain, grid)
     field = itk.read_field_nifti(path)
     return LoadedTransform(Chain([field]), field.grid)
 
@@ -109,6 +110,13 @@ def save_transform(
     """
     suffix = transform_suffix(path)
     chain = chain if isinstance(chain, Chain) else Chain([chain])
+    try:
+        _save(path, suffix, chain, source, reference)
+    except ValueError as err:  # e.g. a sheared grid, which ITK cannot represent
+        raise InputError(f"{path}: {err}") from None
+
+
+def _save(path, suffix: str, chain: Chain, source, reference) -> None:
     if suffix == ".lta":
         affine = chain.as_affine()
         if affine is None:
