@@ -59,8 +59,9 @@ FIX_CENTRE = np.array([6.0, -14.0, 9.0])  # world centre of the scene and of the
 OFFSETS = np.array([[34.0, 2.0, -4.0], [-30.0, 26.0, 6.0], [2.0, -32.0, 22.0],
                     [-12.0, 4.0, -34.0], [14.0, 24.0, 30.0]])
 CENTRES = FIX_CENTRE + OFFSETS  # fixed-world blob centres, one per level
-POINT_TOL = 2.0  # mm: barycentres of max-pooled maps are exact to about a pooling cell
-CHANNEL_TOL = 2.5  # mm, a single barycentre
+POINT_TOL = 1.5  # mm: barycentres of max-pooled maps (4 mm cells); measured up to 0.74
+CHANNEL_TOL = 1.25  # mm, one barycentre in the sanity check (pooling); measured up to 0.84
+LINEAR_TOL = 0.03  # largest entry error of the 3x3 part; measured up to 0.013
 FLIP = np.array([-1.0, -1.0, 1.0])  # RAS <-> LPS
 LIA = np.array([[-1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
 
@@ -165,13 +166,21 @@ def lia_centred_to_ras(centre: np.ndarray, cen: np.ndarray) -> np.ndarray:
     return (cen - 0.5) @ LIA.T + centre
 
 
-def read_lta_matrix(path: Path) -> np.ndarray:
-    """The 4x4 matrix of a one-transform LTA file, parsed here (type must be RAS2RAS)."""
+def read_lta(path: Path) -> tuple[np.ndarray, dict[str, tuple[int, ...]]]:
+    """The 4x4 matrix of a one-transform LTA file (type must be RAS2RAS) and the shapes of
+    its ``src`` and ``dst`` volumes, parsed here."""
     text = path.read_text()
     assert re.search(r"^type\s*=\s*1\b", text, re.M), "LTA is not LINEAR_RAS_TO_RAS"
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.split() == ["1", "4", "4"]) + 1
-    return np.array([[float(v) for v in lines[start + r].split()] for r in range(4)])
+    lines = [line.strip() for line in text.splitlines()]
+    start = lines.index("1 4 4") + 1
+    matrix = np.array([[float(v) for v in lines[start + r].split()] for r in range(4)])
+    shapes, block = {}, None
+    for line in lines:
+        if line.endswith("volume info"):
+            block = line.split()[0]
+        elif block and line.startswith("volume"):
+            shapes[block] = tuple(int(v) for v in line.split("=")[1].split())
+    return matrix, shapes
 
 
 def errors(got: np.ndarray, expected: np.ndarray) -> np.ndarray:
@@ -249,19 +258,29 @@ def test_detector_channels_find_their_blobs():
         out = hand_detector()(vol[None, None], vol[None, None])
     feat = out.feat_1[0]
     assert feat.shape == (len(LEVELS), 48, 48, 48)
-    got = lia_centred_to_ras(centre, out.cen_1[0].numpy())
+    # x[::2] keeps full-resolution voxels 2j, which the barycentre grid puts at 2j + 0.5
+    got = lia_centred_to_ras(centre, out.cen_1[0].numpy() - 0.5)
     err = errors(got, CENTRES)
     assert err.max() < CHANNEL_TOL, f"barycentres off by {np.round(err, 2)} mm"
-    # each channel's mass sits on its own blob: under 2 % of it closer to another blob
+    # each channel's mass sits on its own blob: under 1 % of it closer to another blob
+    # (without the suppression term 11 to 20 % of channels 0-2 sit on brighter blobs)
     cells = np.stack(np.meshgrid(*[np.arange(48.0)] * 3, indexing="ij"), -1).reshape(-1, 3)
     cell_world = lia_centred_to_ras(centre, 4 * cells - 94.0)
     nearest = np.argmin(np.linalg.norm(cell_world[:, None] - CENTRES[None], axis=2), 1)
     for k in range(len(LEVELS)):
         mass = feat[k].flatten().double().numpy()
         assert mass.sum() > 5, f"channel {k} is empty"
-        assert mass[nearest != k].sum() < 0.02 * mass.sum(), f"channel {k} leaks"
+        assert mass[nearest != k].sum() < 0.01 * mass.sum(), f"channel {k} leaks"
     # the fit between identical inputs is the identity
     assert np.allclose(out.matrix[0].numpy(), np.eye(4), atol=1e-6)
+    # the detector's own convention: ``matrix`` maps centred fixed (input 2) coordinates to
+    # moving (input 1) ones; content moved by whole pooling cells moves every map exactly
+    shift = (8, -4, 12)
+    with torch.no_grad():
+        out = hand_detector()(torch.roll(vol, shift, (0, 1, 2))[None, None], vol[None, None])
+    expected = np.eye(4)
+    expected[:3, 3] = shift
+    assert np.allclose(out.matrix[0].numpy(), expected, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -282,7 +301,7 @@ def test_forward_maps_fixed_to_moving(registered, name):
         assert np.allclose(lin.T @ lin, np.eye(3), atol=1e-6)
         assert np.linalg.det(lin) == pytest.approx(1.0, abs=1e-6)
     # the linear part too: the rotation/scale of T, not of inv(T)
-    assert np.abs(fw_mat[:3, :3] - t[:3, :3]).max() < 0.05
+    assert np.abs(fw_mat[:3, :3] - t[:3, :3]).max() < LINEAR_TOL
 
 
 @pytest.mark.parametrize("name", ["affine-ras", "rigid-oblique"])
@@ -302,5 +321,7 @@ def test_written_transforms_keep_direction(registered, name, tmp_path):
                    reference=ImageGrid.from_image(fixed))
     err = errors(np.asarray(nt_linear_load(str(lta), fmt="fs").map(CENTRES)), moved)
     assert err.max() < POINT_TOL, f"LTA via nitransforms off by {np.round(err, 2)} mm"
-    err = errors(apply(read_lta_matrix(lta), moved), CENTRES)  # src (moving) -> dst (fixed)
+    matrix, shapes = read_lta(lta)
+    assert shapes == {"src": moving.shape, "dst": fixed.shape}  # src = moving, dst = fixed
+    err = errors(apply(matrix, moved), CENTRES)  # push-forward: moving -> fixed
     assert err.max() < POINT_TOL, f"LTA matrix off by {np.round(err, 2)} mm"
