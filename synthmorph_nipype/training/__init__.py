@@ -1,0 +1,1 @@
+"""Losses and training loops for SynthMorph-style models."""
