@@ -20,7 +20,7 @@ import torch
 from synthmorph_nipype.cli.main import main
 from synthmorph_nipype.engine.conform import conform
 from synthmorph_nipype.engine.network import run_affine, run_deformable
-from synthmorph_nipype.engine.space import center_ras, net_to_image
+from synthmorph_nipype.engine.space import net_to_ras
 from synthmorph_nipype.engine.weights import load_models
 from synthmorph_nipype.transforms.base import ImageGrid, dense_field
 from synthmorph_nipype.transforms.io import load_transform
@@ -62,7 +62,7 @@ def images():
 
 
 def net_input(img, center, name):
-    n2i = net_to_image(img.affine, center, 192)
+    n2i = np.linalg.inv(img.affine) @ net_to_ras(center, 192)  # as register() composes it
     return conform(img.get_fdata(dtype=np.float32), n2i, 192), n2i
 
 
@@ -70,14 +70,15 @@ def test_network_space_and_inputs(images):
     mov, fix = images
     ref = npz("expected", "affine", "matrices.npz")
     inputs = npz("expected", "affine", "net_inputs.npz")
-    inp_1, n2m = net_input(mov, center_ras(mov.affine, mov.shape), "moving")
-    inp_2, n2f = net_input(fix, center_ras(fix.affine, fix.shape), "fixed")
+    inp_1, n2m = net_input(mov, ImageGrid.from_image(mov).center_ras, "moving")
+    inp_2, n2f = net_input(fix, ImageGrid.from_image(fix).center_ras, "fixed")
     np.testing.assert_allclose(n2m, ref["net_to_mov"], atol=1e-9)
     np.testing.assert_allclose(n2f, ref["net_to_fix"], atol=1e-9)
     np.testing.assert_allclose(inp_1.numpy(), inputs["net_inp_1"][0, ..., 0], atol=4e-5)
     np.testing.assert_allclose(inp_2.numpy(), inputs["net_inp_2"][0, ..., 0], atol=1e-5)
     deform = npz("expected", "deform", "matrices.npz")
-    n2m_fixed_centre = net_to_image(mov.affine, center_ras(fix.affine, fix.shape), 192)
+    n2m_fixed_centre = np.linalg.inv(mov.affine) @ net_to_ras(
+        ImageGrid.from_image(fix).center_ras, 192)
     assert not np.allclose(n2m_fixed_centre, deform["net_to_mov"], atol=1e-3)  # -i folded in
 
 

@@ -19,7 +19,7 @@ from ..transforms.base import Affine, Chain, DisplacementField, ImageGrid, Trans
 from .compose import push_field, residual_field, world_field, world_matrix
 from .conform import conform
 from .network import run_affine, run_deformable
-from .space import EXTENTS, center_ras, net_to_ras
+from .space import EXTENTS, net_to_ras
 from .weights import MODES, Models
 
 
@@ -79,7 +79,7 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
     if extent not in EXTENTS:
         raise SynthMorphError(f"extent must be 192 or 256, got {extent}")
     mov, fix = ImageGrid.from_image(moving), ImageGrid.from_image(fixed)
-    fix_net2ras = net_to_ras(center_ras(fix.affine, fix.shape), extent)
+    fix_net2ras = net_to_ras(fix.center_ras, extent)
     if init is not None:
         init_affine = init.as_affine()
         if init_affine is None:
@@ -88,7 +88,7 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
     else:
         init_affine = Affine(np.eye(4))
         centre_on = fix if mode == "deform" else mov  # deform: inputs already aligned
-        mov_net2ras = net_to_ras(center_ras(centre_on.affine, centre_on.shape), extent)
+        mov_net2ras = net_to_ras(centre_on.center_ras, extent)
     device = torch.device(device)
     inp_1 = conform(image_data(moving), np.linalg.inv(mov.affine) @ mov_net2ras, extent, device)
     inp_2 = conform(image_data(fixed), np.linalg.inv(fix.affine) @ fix_net2ras, extent, device)

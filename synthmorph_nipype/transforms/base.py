@@ -93,6 +93,16 @@ class ImageGrid(NamedTuple):
         """Voxel sizes in millimetres (column norms of the 3x3 part of ``affine``)."""
         return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
 
+    @property
+    def center_ras(self) -> np.ndarray:
+        """FreeSurfer's ``c_ras``: the world position of voxel ``shape / 2`` (not
+        ``(shape - 1) / 2``), the centre that LTA files and network space use.
+
+        >>> ImageGrid.make((10, 20, 31), np.eye(4)).center_ras
+        array([ 5. , 10. , 15.5])
+        """
+        return _apply_matrix(self.affine, np.asarray(self.shape, dtype=np.float64)[None] / 2)[0]
+
     def world_points(self) -> np.ndarray:
         """RAS coordinates of every voxel centre, as an ``(X, Y, Z, 3)`` float64 array."""
         idx = np.stack(np.meshgrid(*[np.arange(n) for n in self.shape], indexing="ij"), -1)

@@ -33,8 +33,7 @@ def _volume_info(grid: ImageGrid) -> list[str]:
     grid = ImageGrid.make(grid.shape, grid.affine)
     zooms = grid.zooms
     cosines = grid.affine[:3, :3] / zooms
-    c_ras = grid.affine[:3, :3] @ (np.asarray(grid.shape, dtype=np.float64) / 2)
-    c_ras = c_ras + grid.affine[:3, 3]
+    c_ras = grid.center_ras
     return [
         "valid = 1",
         "filename = none",
