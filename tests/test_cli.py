@@ -345,11 +345,16 @@ def test_no_weights_via_console_script(inputs, tmp_path):
     exe = shutil.which("synthmorph")
     if exe is None:
         pytest.skip("the synthmorph console script is not on PATH")
-    result = subprocess.run([exe, "register", "-e", "192", "-t", str(tmp_path / "fwd.h5"),
+    empty = tmp_path / "no_weights"
+    empty.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    result = subprocess.run([exe, "register", "-e", "192", "-t", str(out / "fwd.h5"),
                              str(inputs["mov"]), str(inputs["fix"])],
-                            env=clean_env(), capture_output=True, text=True, timeout=TIMEOUT)
+                            env=clean_env(SYNTHMORPH_WEIGHTS_DIR=str(empty)),
+                            capture_output=True, text=True, timeout=TIMEOUT)
     assert_one_line_error(result, "no SynthMorph weights", "-w", "FREESURFER_HOME")
-    assert listing(tmp_path) == []
+    assert listing(out) == []
 
 
 def test_version_and_help():

@@ -17,6 +17,10 @@ def main(argv=None) -> int:
             commands.register(args)
         elif args.command == "apply":
             commands.apply(args)
+        elif args.command in ("synth", "train"):
+            from . import train
+
+            getattr(train, args.command)(args)
         else:
             from .demo import run
 

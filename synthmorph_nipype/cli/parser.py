@@ -112,6 +112,35 @@ def build_parser() -> Parser:
     demo.add_argument("-w", "--weights", action="append", metavar="WEIGHTS")
     demo.add_argument("-j", "--threads", type=_positive, metavar="N")
     demo.add_argument("-g", "--gpu", action="store_true")
+
+    syn = sub.add_parser("synth", help="write synthetic training pairs to look at",
+                         description=(
+        "Write COUNT synthetic image pairs and their label maps as NIfTI, drawn as "
+        "training draws them (label maps from the nilearn template and random shapes)."))
+    syn.add_argument("outdir", metavar="OUTDIR")
+    syn.add_argument("-n", "--count", type=_positive, default=4, help="pairs (default: 4)")
+    syn.add_argument("--model", default="affine", choices=("affine", "rigid", "joint"),
+                     help="whose synthesis ranges to use (default: affine)")
+    syn.add_argument("--config", metavar="FILE", help="training configuration (.toml/.json)")
+    syn.add_argument("--seed", type=_non_negative, default=None)
+    syn.add_argument("-j", "--threads", type=_positive, metavar="N")
+
+    tr = sub.add_parser("train", help="train a model on synthetic data", description=(
+        "Train an affine, rigid or joint (deformable) model from synthetic pairs alone. "
+        "Resumes from OUT/checkpoint.pt when it exists; writes OUT/model.pt for -w, "
+        "train.csv, val.csv and log.jsonl."))
+    tr.add_argument("--model", choices=("affine", "rigid", "joint"), default=None,
+                    help="model to train (default: the configuration's, else joint)")
+    tr.add_argument("--config", metavar="FILE", help="training configuration (.toml/.json)")
+    tr.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    tr.add_argument("--steps", type=_non_negative, default=None, help="total optimizer steps")
+    tr.add_argument("--seed", type=_non_negative, default=None)
+    tr.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    tr.add_argument("-j", "--threads", type=_positive, metavar="N")
+    tr.add_argument("--affine-weights", metavar="PT",
+                    help="joint: affine model .pt to bundle into the exported model")
+    tr.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    tr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
 
 

@@ -1,7 +1,8 @@
 """Find and load model weights for a registration mode.
 
 Order of precedence: files given with ``-w``; the official FreeSurfer files under
-``$FREESURFER_HOME/models``; the package's embedded default (when one is installed).
+``$FREESURFER_HOME/models``; the default models in ``$SYNTHMORPH_WEIGHTS_DIR`` when that is
+set (a site-wide default), else the package's embedded ones.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ OFFICIAL = {
     "deform": ("synthmorph.deform.3.h5",),
     "joint": ("synthmorph.affine.2.h5", "synthmorph.deform.3.h5"),
 }
-EMBEDDED = {"affine": "synthmorph_nipype.affine.pt", "rigid": "synthmorph_nipype.rigid.pt",
-            "deform": "synthmorph_nipype.joint.pt", "joint": "synthmorph_nipype.joint.pt"}
+# default files per mode, first found wins (the affine detector also serves as rigid one)
+EMBEDDED = {"affine": ("synthmorph_nipype.affine.pt",),
+            "rigid": ("synthmorph_nipype.rigid.pt", "synthmorph_nipype.affine.pt"),
+            "deform": ("synthmorph_nipype.joint.pt",), "joint": ("synthmorph_nipype.joint.pt",)}
 
 
 @dataclass
@@ -58,9 +61,11 @@ def find_weights(mode: str, weights: list[str] | None = None) -> list[Path]:
         files = [Path(fs_home) / "models" / name for name in OFFICIAL[mode]]
         if all(f.is_file() for f in files):
             return files
-    embedded = resources.files("synthmorph_nipype") / "data" / EMBEDDED[mode]
-    if embedded.is_file():
-        return [Path(str(embedded))]
+    site = os.environ.get("SYNTHMORPH_WEIGHTS_DIR")
+    folder = Path(site) if site else Path(str(resources.files("synthmorph_nipype") / "data"))
+    for name in EMBEDDED[mode]:
+        if (folder / name).is_file():
+            return [folder / name]
     raise WeightsError(
         f"no SynthMorph weights installed for mode '{mode}': pass them with -w FILE "
         f"(e.g. {' -w '.join(OFFICIAL[mode])} from FreeSurfer) or set FREESURFER_HOME "

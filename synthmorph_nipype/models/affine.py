@@ -100,13 +100,15 @@ class AffineDetector(nn.Module):
         if self.config.half_res if half_res is None else half_res:
             inp_1, inp_2 = inp_1[:, :, ::2, ::2, ::2], inp_2[:, :, ::2, ::2, ::2]
         feat_1, feat_2 = self.features(inp_1), self.features(inp_2)
-        f1, f2 = feat_1.double(), feat_2.double()
-        cen_1 = barycenters(f1) * shape.to(f1.device)
-        cen_2 = barycenters(f2) * shape.to(f2.device)
-        weights = channel_weights(f1, f2)
-        matrix = symmetric_affine(cen_1, cen_2, weights)
-        if self.config.rigid:
-            matrix = rigid_part(matrix)
+        # the fit runs in float64 even when the features come from mixed precision
+        with torch.autocast(feat_1.device.type, enabled=False):
+            f1, f2 = feat_1.double(), feat_2.double()
+            cen_1 = barycenters(f1) * shape.to(f1.device)
+            cen_2 = barycenters(f2) * shape.to(f2.device)
+            weights = channel_weights(f1, f2)
+            matrix = symmetric_affine(cen_1, cen_2, weights)
+            if self.config.rigid:
+                matrix = rigid_part(matrix)
         return AffineOutput(feat_1, feat_2, cen_1, cen_2, weights, matrix)
 
 

@@ -1,0 +1,118 @@
+"""Training configuration: one dataclass, read from a JSON or TOML file.
+
+Unknown keys are errors (a typo must not silently train the wrong model). Every key has
+a default, so an empty file trains the default model of the chosen kind.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import tomllib
+
+from ..errors import InputError
+from ..models.affine import AffineConfig
+from ..models.joint import UNetConfig
+from ..synthesis.generator import SynthConfig
+
+MODELS = ("affine", "rigid", "joint")
+
+# Widths of the embedded defaults (small enough to ship and to run fast on a CPU).
+DEFAULT_WIDTHS = {
+    "affine": {"num_feat": 32, "enc_nf": [32, 32, 32, 32], "add_nf": [32, 32]},
+    "rigid": {"num_feat": 32, "enc_nf": [32, 32, 32, 32], "add_nf": [32, 32]},
+    "joint": {"hyp_units": [32, 32, 32, 16], "enc_nf": [16, 16, 16, 16],
+              "dec_nf": [16, 16, 16, 16], "add_nf": [16, 16]},
+}
+# Synthesis changes per model: the deformable network sees affinely aligned pairs, so its
+# pairs differ by a residual affine only (the affine network's ranges are the defaults).
+DEFAULT_SYNTH = {
+    "affine": {"warp_std_mm": 1.0},
+    "rigid": {"warp_std_mm": 1.0, "scale": 0.0, "shear": 0.0},
+    "joint": {"shift_mm": 3.0, "rotate_deg": 3.0, "scale": 0.03, "shear": 0.02},
+}
+
+
+@dataclass
+class TrainConfig:
+    """What ``synthmorph train`` does; lengths in mm, steps in optimizer updates."""
+
+    model: str = "joint"
+    widths: dict = field(default_factory=dict)  # model configuration (defaults per model)
+    steps: int = 10000
+    lr: float = 1e-4
+    seed: int = 0
+    grid: int = 96  # training grid edge in voxels (half-resolution network space)
+    crop: int | None = None  # train on random cubes of this edge cut from each pair
+    voxel_mm: float = 2.0
+    shapes_prob: float = 0.5  # random-shape label maps vs template brains
+    head_prob: float = 0.5  # brains with a synthetic head (then skull on/off at random)
+    synth: dict = field(default_factory=dict)  # SynthConfig changes (over DEFAULT_SYNTH)
+    similarity: str = "label_mse"
+    regularizer: str = "grad_l2"
+    int_steps: int = 7
+    val_pairs: int = 8
+    val_every: int = 250
+    ckpt_every: int = 50
+    amp: str | bool = "auto"  # mixed precision: auto = on for CUDA and bfloat16-capable CPUs
+    device: str = "auto"
+    threads: int | None = None
+    affine_weights: str | None = None  # joint: affine .pt bundled into the exported model
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        if self.steps < 0 or self.grid < 16 or self.grid % 16:
+            raise ValueError("steps must be >= 0 and grid a multiple of 16")
+        if self.crop is not None and not (16 <= self.crop <= self.grid and self.crop % 16 == 0):
+            raise ValueError("crop must be a multiple of 16 no larger than grid")
+        self.widths = {**DEFAULT_WIDTHS[self.model], **self.widths}
+        self.synth_config()  # validate early
+        self.model_config()
+
+    def synth_config(self) -> SynthConfig:
+        changes = {**DEFAULT_SYNTH[self.model], **self.synth}
+        changes = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
+        return SynthConfig(voxel_size=self.voxel_mm, **changes)
+
+    def model_config(self) -> AffineConfig | UNetConfig:
+        """The network configuration the widths describe."""
+        if self.model == "joint":
+            return UNetConfig.from_dict(self.widths)
+        return AffineConfig.from_dict({**self.widths, "rigid": self.model == "rigid"})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown setting(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+def read_config(path: str | Path | None, **overrides) -> TrainConfig:
+    """Read a ``.json`` or ``.toml`` training configuration; ``overrides`` (not None) win."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise InputError(f"{path}: cannot read ({err.strerror})") from None
+        try:
+            data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except (ValueError, tomllib.TOMLDecodeError) as err:
+            raise InputError(f"{path}: not valid {path.suffix[1:] or 'json'} ({err})") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: expected a table of settings")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TrainConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        where = f"{path}: " if path is not None else ""
+        raise InputError(f"{where}invalid training configuration ({err})") from None

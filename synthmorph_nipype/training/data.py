@@ -1,0 +1,115 @@
+"""Label maps to train on, placed on the training grid.
+
+Training runs in the half-resolution network space of ``mri_synthmorph``: the LIA grid of
+2 mm voxels that the networks see inside a 192 mm (96 voxels) or 256 mm extent. A
+:class:`LabelSource` draws label maps there: brains derived from the template nilearn
+ships (with or without a synthetic head) and random Perlin shapes, as SynthMorph's
+*sm-brains* and *sm-shapes* data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..engine.space import net_to_ras
+from ..synthesis.labels import random_shapes, template_labels
+from ..transforms.base import ImageGrid
+
+
+@dataclass
+class LabelMap:
+    """One drawn label map ``(1, X, Y, Z)`` with what the synthesis and the loss need."""
+
+    labels: torch.Tensor
+    skull_labels: tuple[int, ...]  # labels the generator may strip (skull on/off)
+    loss_labels: torch.Tensor  # lookup: label -> label used in the loss (0 = ignored)
+    source: str
+
+
+def grid_matrix(shape: tuple[int, int, int], voxel_mm: float, center: np.ndarray) -> np.ndarray:
+    """Voxel-to-RAS matrix of an LIA training grid of ``shape`` voxels of ``voxel_mm`` mm,
+    centred (FreeSurfer style, voxel ``shape / 2``) on ``center``."""
+    if len(set(shape)) != 1:
+        raise ValueError(f"the training grid must be a cube, got {shape}")
+    scale = np.diag([voxel_mm] * 3 + [1.0])
+    # net_to_ras is in 1 mm voxels; a grid of n voxels of v mm spans the same n*v mm
+    return net_to_ras(center, shape[0] * voxel_mm) @ scale
+
+
+def template_on_grid(labels: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int],
+                     voxel_mm: float) -> np.ndarray:
+    """Nearest-neighbour resampling of a template label map onto the training grid
+    centred on the template (off-template voxels are background)."""
+    center = ImageGrid.make(labels.shape, affine).center_ras
+    mat = np.linalg.inv(affine) @ grid_matrix(shape, voxel_mm, center)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    src = np.rint(ijk @ mat[:3, :3].T + mat[:3, 3]).astype(np.int64)
+    inside = np.all((src >= 0) & (src < np.array(labels.shape)), axis=-1)
+    out = np.zeros(shape, dtype=np.int64)
+    s = src[inside]
+    out[inside] = labels[s[:, 0], s[:, 1], s[:, 2]]
+    return out
+
+
+class LabelSource:
+    """Draws training label maps: template brains or random shapes.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Training grid (a cube), e.g. ``(96, 96, 96)``.
+    voxel_mm : float
+        Voxel size of the training grid.
+    shapes_prob : float
+        Probability that a draw is a random-shapes map rather than a brain.
+    head_prob : float
+        Probability that a brain comes with the synthetic non-brain head.
+    num_heads : int
+        Number of different synthetic heads made up front (each a random thickness map).
+    seed : int
+        Seed of the head shells.
+    """
+
+    def __init__(self, shape=(96, 96, 96), voxel_mm: float = 2.0, *, shapes_prob: float = 0.5,
+                 head_prob: float = 0.5, num_heads: int = 4, seed: int = 0):
+        self.shape = tuple(int(s) for s in shape)
+        self.voxel_mm = float(voxel_mm)
+        self.shapes_prob = float(shapes_prob)
+        self.head_prob = float(head_prob)
+        self.brains: list[tuple[torch.Tensor, tuple[int, ...], int]] = []
+        if self.shapes_prob < 1:
+            res = 1 if self.voxel_mm < 2 else 2
+            lab, aff, names = template_labels(res, head=False, subdivide=True)
+            num_brain = max(names) + 1
+            self.brains.append((self._place(lab, aff), (), num_brain))
+            for k in range(num_heads if self.head_prob > 0 else 0):
+                lab, aff, names = template_labels(res, head=True, subdivide=True,
+                                                  generator=seed + k)
+                skull = tuple(n for n in names if n >= num_brain)
+                self.brains.append((self._place(lab, aff), skull, num_brain))
+
+    def _place(self, lab: np.ndarray, aff: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(template_on_grid(lab, aff, self.shape, self.voxel_mm))
+
+    def draw(self, generator: torch.Generator, device: torch.device | str = "cpu") -> LabelMap:
+        """One label map, drawn with ``generator`` (the same state gives the same map)."""
+        u = torch.rand(2, generator=generator).tolist()
+        pick = int(torch.randint(0, 1 << 30, (1,), generator=generator))
+        if not self.brains or u[0] < self.shapes_prob:
+            lab = random_shapes(self.shape, generator=generator, device=device)
+            n = int(lab.max()) + 1
+            return LabelMap(lab, (), torch.arange(n, device=device), "shapes")
+        heads = self.brains[1:]
+        if heads and u[1] < self.head_prob:
+            lab, skull, num_brain = heads[pick % len(heads)]
+            source = "brain+head"
+        else:
+            lab, skull, num_brain = self.brains[0]
+            source = "brain"
+        n = int(lab.max()) + 1
+        lookup = torch.arange(n, device=device)
+        lookup[num_brain:] = 0  # the loss sees brain labels only: the head is to be ignored
+        return LabelMap(lab[None].to(device), skull, lookup, source)

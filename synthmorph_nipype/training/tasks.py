@@ -1,0 +1,224 @@
+"""What is trained: a network, its forward pass on a synthetic pair, and its objective.
+
+A task owns one network and knows how to turn a synthetic pair into a loss and into
+validation figures. The trainer only sees this interface, so a new model or objective is
+a new :class:`Task` (registered in :data:`TASKS`) or a new entry of
+:data:`SIMILARITIES` / :data:`REGULARIZERS`.
+
+Tasks work on the training grid (the half-resolution network space, batch 1) with
+pull-back maps in voxel indices, the conventions of :mod:`synthmorph_nipype.engine.network`:
+the fixed image is ``image_2``, and the moving ``image_1`` is sampled at the mapped points.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..models.affine import AffineConfig, AffineDetector, centred_to_index
+from ..models.joint import HyperUNet, UNetConfig
+from ..models.layers import HyperConv3d
+from ..ops.grid import voxel_grid
+from ..ops.integrate import integrate_svf
+from ..ops.jacobian import folding_percent
+from ..ops.sampling import sample_linear
+from .losses import grad_l2, label_mse, soft_dice
+
+
+@dataclass
+class Pair:
+    """A training pair on the training grid: images ``(1, 1, *s)`` in [0, 1] and one-hot
+    loss labels ``(1, L, *s)``."""
+
+    image_1: torch.Tensor
+    image_2: torch.Tensor
+    onehot_1: torch.Tensor
+    onehot_2: torch.Tensor
+    truth: torch.Tensor | None = None  # (4, 4) true fixed -> moving voxel map, when known
+    labels_1: torch.Tensor | None = None  # (1, *s) the full label maps (incl. ignored ones)
+    labels_2: torch.Tensor | None = None
+
+
+def _dissimilarity_dice(moved: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    return 1 - soft_dice(moved, fixed)
+
+
+SIMILARITIES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "label_mse": label_mse,
+    "dice": _dissimilarity_dice,
+}
+REGULARIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"grad_l2": grad_l2}
+
+
+def warp_onehot(onehot: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Sample one-hot maps ``(1, L, *s)`` at voxel points ``(*t, 3)`` -> ``(1, L, *t)``
+    (linear, zero outside), differentiable in the points."""
+    vol = onehot[0].permute(1, 2, 3, 0)
+    return sample_linear(vol, points).permute(3, 0, 1, 2)[None]
+
+
+def _mapped(matrix: torch.Tensor, shape, stride: int = 1) -> torch.Tensor:
+    """``matrix @ x`` for the voxels ``x`` of ``shape`` taken every ``stride``."""
+    grid = voxel_grid(shape, dtype=matrix.dtype, device=matrix.device)
+    grid = grid[::stride, ::stride, ::stride]
+    return grid @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def init_weights(model: nn.Module, slope: float = 0.2) -> None:
+    """He initialisation for LeakyReLU networks (PyTorch's default shrinks activations layer
+    by layer, which starves the detector's barycentres and the U-Net of signal). A hyper
+    convolution gets He-scaled kernels from its bias and small hyper weights, so every
+    ``lambda`` starts from about the same network."""
+    gain = (2.0 / (1 + slope**2)) ** 0.5
+    for m in model.modules():
+        if isinstance(m, nn.Conv3d):
+            nn.init.normal_(m.weight, std=gain / (m.weight[0].numel()) ** 0.5)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, HyperConv3d):
+            std = gain / (27 * m.cin) ** 0.5
+            nn.init.normal_(m.hyperkernel.bias, std=std)
+            nn.init.normal_(m.hyperkernel.weight, std=0.1 * std)
+            nn.init.zeros_(m.hyperbias.bias)
+            nn.init.normal_(m.hyperbias.weight, std=1e-3)
+
+
+class Task:
+    """Interface of a trainable task (see the module docstring)."""
+
+    name = "task"
+    model: nn.Module
+
+    def loss(self, pair: Pair, generator: torch.Generator,
+             autocast=nullcontext) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, pair: Pair) -> dict[str, float]:
+        raise NotImplementedError
+
+    def export(self) -> dict[str, nn.Module]:
+        """Keyword arguments for :func:`~synthmorph_nipype.models.checkpoint.save_checkpoint`."""
+        raise NotImplementedError
+
+
+class AffineTask(Task):
+    """The feature detector (affine or rigid), trained on label overlap after the fitted
+    transform, in both directions, at half the training resolution."""
+
+    name = "affine"
+
+    def __init__(self, config: AffineConfig, similarity: str = "label_mse",
+                 loss_stride: int = 2):
+        self.model = AffineDetector(config)
+        init_weights(self.model)
+        self.similarity = SIMILARITIES[similarity]
+        self.stride = int(loss_stride)
+
+    def matrix(self, pair: Pair, autocast=nullcontext) -> torch.Tensor:
+        """Fixed -> moving voxel map ``(4, 4)`` (float64) predicted for ``pair``."""
+        with autocast():
+            res = self.model(pair.image_1, pair.image_2, half_res=False)
+        return centred_to_index(res.matrix, pair.image_1.shape[2])[0]
+
+    def _overlaps(self, pair: Pair, mat: torch.Tensor, stride: int):
+        shape = pair.image_1.shape[2:]
+        s = stride
+        moved_1 = warp_onehot(pair.onehot_1, _mapped(mat, shape, s))
+        moved_2 = warp_onehot(pair.onehot_2, _mapped(torch.linalg.inv(mat), shape, s))
+        return ((moved_1, pair.onehot_2[..., ::s, ::s, ::s]),
+                (moved_2, pair.onehot_1[..., ::s, ::s, ::s]))
+
+    def loss(self, pair, generator, autocast=nullcontext):
+        mat = self.matrix(pair, autocast)
+        (m1, f1), (m2, f2) = self._overlaps(pair, mat, self.stride)
+        loss = 0.5 * (self.similarity(m1, f1) + self.similarity(m2, f2))
+        return loss, {"sim": float(loss.detach())}
+
+    @torch.no_grad()
+    def evaluate(self, pair):
+        mat = self.matrix(pair)
+        (m1, f1), _ = self._overlaps(pair, mat, 1)
+        out = {"dice": float(soft_dice(m1, f1)),
+               "dice_before": float(soft_dice(pair.onehot_1, pair.onehot_2))}
+        if pair.truth is not None:
+            out["error_vox"] = _mean_error(mat, pair.truth.to(mat), pair.onehot_2)
+        return out
+
+    def export(self):
+        return {"affine": self.model}
+
+
+def _mean_error(mat: torch.Tensor, truth: torch.Tensor, onehot_fixed: torch.Tensor) -> float:
+    """Mean distance (voxels) between predicted and true maps over the labelled voxels."""
+    shape = onehot_fixed.shape[2:]
+    mask = onehot_fixed[0, 1:].sum(0) > 0.5
+    diff = _mapped(mat, shape) - _mapped(truth, shape)
+    return float(diff.norm(dim=-1)[mask].mean())
+
+
+class DeformTask(Task):
+    """The hyper U-Net on affinely aligned pairs: a symmetric SVF ``0.5 (f(1,2) - f(2,1))``
+    integrated both ways; ``(1 - lambda) * similarity + lambda * regularizer`` with one
+    ``lambda ~ U(0, 1)`` per step fed to the hypernetwork."""
+
+    name = "joint"
+
+    def __init__(self, config: UNetConfig, similarity: str = "label_mse",
+                 regularizer: str = "grad_l2", steps: int = 7, loss_stride: int = 2):
+        self.model = HyperUNet(config)
+        init_weights(self.model)
+        # start near the identity: the last layer predicts an almost zero SVF
+        last = self.model.convs[-1]
+        for p in (last.hyperkernel.weight, last.hyperkernel.bias, last.hyperbias.weight,
+                  last.hyperbias.bias):
+            nn.init.normal_(p, std=1e-5)
+        self.similarity = SIMILARITIES[similarity]
+        self.regularizer = REGULARIZERS[regularizer]
+        self.steps = int(steps)
+        self.stride = int(loss_stride)
+
+    def fields(self, pair: Pair, lam: float | torch.Tensor, autocast=nullcontext):
+        """Displacements (channels last, voxels) fixed -> moving and moving -> fixed."""
+        x12 = torch.cat([pair.image_1, pair.image_2], 1)
+        x21 = torch.cat([pair.image_2, pair.image_1], 1)
+        with autocast():
+            a, b = self.model(x12, lam), self.model(x21, lam)
+        svf = (0.5 * (a.float() - b.float()))[0].permute(1, 2, 3, 0)
+        return integrate_svf(svf, self.steps), integrate_svf(-svf, self.steps)
+
+    @staticmethod
+    def _moved(pair: Pair, d1: torch.Tensor, d2: torch.Tensor, s: int = 1):
+        """Moved one-hot maps and the fixed ones they match, on every ``s``-th voxel."""
+        grid = voxel_grid(d1.shape[:3], dtype=d1.dtype, device=d1.device)
+        sub = (slice(None, None, s),) * 3
+        return ((warp_onehot(pair.onehot_1, (grid + d1)[sub]), pair.onehot_2[(..., *sub)]),
+                (warp_onehot(pair.onehot_2, (grid + d2)[sub]), pair.onehot_1[(..., *sub)]))
+
+    def loss(self, pair, generator, autocast=nullcontext):
+        lam = float(torch.rand((), generator=generator))
+        d1, d2 = self.fields(pair, lam, autocast)
+        (m1, f1), (m2, f2) = self._moved(pair, d1, d2, self.stride)
+        sim = 0.5 * (self.similarity(m1, f1) + self.similarity(m2, f2))
+        reg = 0.5 * (self.regularizer(d1.permute(3, 0, 1, 2)[None])
+                     + self.regularizer(d2.permute(3, 0, 1, 2)[None]))
+        loss = (1 - lam) * sim + lam * reg
+        return loss, {"sim": float(sim.detach()), "reg": float(reg.detach()), "lambda": lam}
+
+    @torch.no_grad()
+    def evaluate(self, pair, lam: float = 0.5):
+        d1, d2 = self.fields(pair, lam)
+        (m1, f1), _ = self._moved(pair, d1, d2)
+        return {"dice": float(soft_dice(m1, f1)),
+                "dice_before": float(soft_dice(pair.onehot_1, pair.onehot_2)),
+                "folding_pct": folding_percent(d1)}
+
+    def export(self):
+        return {"deform": self.model}
+
+
+TASKS: dict[str, Callable[..., Task]] = {"affine": AffineTask, "rigid": AffineTask,
+                                         "joint": DeformTask}

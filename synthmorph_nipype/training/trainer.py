@@ -1,0 +1,285 @@
+"""The training loop: synthetic pairs in, a checkpoint and logs out.
+
+One step draws a label map, synthesises a pair from it (:mod:`..synthesis.generator`),
+and takes one Adam step on the task's loss. Everything random comes from one seeded
+:class:`torch.Generator` whose state is saved with the checkpoint, so an interrupted run
+resumes where it stopped and gives the same result as an uninterrupted one (on the same
+device and thread count). Output directory:
+
+``checkpoint.pt``  model, optimizer and generator state (resume); ``weights_only`` safe
+``model.pt``       the trained network in the package's model format (for ``-w``)
+``train.csv``      one row per step: loss and its terms, seconds
+``val.csv``        validation figures on a fixed set of synthetic pairs
+``log.jsonl``      the same as JSON lines, plus the configuration
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from ..models.checkpoint import load_checkpoint, save_checkpoint
+from ..synthesis.generator import SynthConfig, sample_pair
+from .config import TrainConfig
+from .data import LabelSource
+from .losses import one_hot
+from .tasks import TASKS, Pair, Task
+
+STATE = "synthmorph-nipype-training"
+# settings a resumed run may change (everything else must match the checkpoint)
+RESUMABLE = {"steps", "threads", "device", "val_every", "ckpt_every", "affine_weights"}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, amp: str | bool):
+    """Mixed-precision context: float16 on CUDA (bfloat16 where supported), bfloat16 on a
+    CPU with native bfloat16; ``amp=False`` switches it off."""
+    if amp is False or amp == "off":
+        return nullcontext
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return partial(torch.autocast, "cuda", dtype=dtype)
+    if amp is True or amp == "on" or _cpu_has_bf16():
+        return partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    return nullcontext
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def crop_pair(pair: Pair, size: int, generator: torch.Generator) -> Pair:
+    """The same random cube of edge ``size`` cut from both images and label maps."""
+    shape = pair.image_1.shape[2:]
+    lo = [int(torch.randint(0, n - size + 1, (1,), generator=generator)) for n in shape]
+    cut = (..., *(slice(a, a + size) for a in lo))
+    return Pair(*(t[cut].contiguous() for t in (pair.image_1, pair.image_2, pair.onehot_1,
+                                                 pair.onehot_2)))
+
+
+def make_pair(source: LabelSource, synth: SynthConfig, generator: torch.Generator,
+              device: torch.device) -> Pair:
+    """One synthetic pair on ``device``; the true map is known when there is no warp."""
+    lm = source.draw(generator, device)
+    cfg = synth.replace(skull_labels=lm.skull_labels)
+    out = sample_pair(lm.labels, cfg, generator)
+    n = int(lm.loss_labels.max()) + 1
+    oh1 = one_hot(lm.loss_labels[out["labels_1"]], n)
+    oh2 = one_hot(lm.loss_labels[out["labels_2"]], n)
+    truth = None
+    if cfg.warp_std_mm == 0:
+        truth = torch.linalg.inv(out["affine_1"][0].double()) @ out["affine_2"][0].double()
+        flip = torch.eye(4, dtype=torch.float64)
+        for a, on in enumerate(out["flips"][0].tolist()):
+            if on:
+                flip[a, a], flip[a, 3] = -1.0, lm.labels.shape[1 + a] - 1.0
+        truth = flip @ truth.cpu() @ flip
+    return Pair(out["image_1"], out["image_2"], oh1, oh2, truth, out["labels_1"],
+                out["labels_2"])
+
+
+def label_source(config: TrainConfig) -> LabelSource:
+    """The label maps a configuration trains on."""
+    return LabelSource((config.grid,) * 3, config.voxel_mm, shapes_prob=config.shapes_prob,
+                       head_prob=config.head_prob, seed=config.seed)
+
+
+class Progress:
+    """A one-line progress bar with the running loss (a line per ``every`` steps when the
+    stream is not a terminal)."""
+
+    def __init__(self, total: int, start: int = 0, stream=sys.stderr, every: int = 50):
+        self.total, self.start, self.stream, self.every = total, start, stream, every
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.t0 = time.monotonic()
+        self.running: float | None = None
+
+    def update(self, step: int, loss: float) -> None:
+        a = 0.98 if self.running is not None else 0.0
+        self.running = a * (self.running or 0.0) + (1 - a) * loss
+        done = step - self.start
+        rate = (time.monotonic() - self.t0) / max(done, 1)
+        eta = rate * (self.total - step)
+        frac = step / max(self.total, 1)
+        bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
+        line = (f"step {step}/{self.total} [{bar}] loss {self.running:.4f} "
+                f"{rate:.2f} s/step eta {eta / 60:.1f} min")
+        if self.tty:
+            self.stream.write("\r" + line)
+            if step == self.total:
+                self.stream.write("\n")
+        elif step % self.every == 0 or step == self.total:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _append(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+class Trainer:
+    """Train ``config.model`` into ``outdir`` (resuming from its checkpoint if present)."""
+
+    def __init__(self, config: TrainConfig, outdir: str | Path, *, log=sys.stderr):
+        self.config = config
+        self.outdir = Path(outdir)
+        self.log = log
+        self.device = pick_device(config.device)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.autocast = autocast_for(self.device, config.amp)
+        kwargs = {"similarity": config.similarity}
+        if config.model == "joint":
+            kwargs.update(regularizer=config.regularizer, steps=config.int_steps)
+        with torch.random.fork_rng(devices=[]):  # the seed fixes the initial weights too
+            torch.manual_seed(config.seed)
+            self.task: Task = TASKS[config.model](config.model_config(), **kwargs)
+        self.task.model.to(self.device)
+        self.optimizer = torch.optim.Adam(self.task.model.parameters(), lr=config.lr)
+        self.source = label_source(config)
+        self.synth = config.synth_config()
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.best: float | None = None
+        self._val: list[Pair] | None = None
+
+    # -- state ------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"format": STATE, "step": self.step, "config": self.config.to_dict(),
+                "model": self.task.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(), "best": self.best}
+
+    def save(self) -> None:
+        _atomic_save(self.state(), self.outdir / "checkpoint.pt")
+
+    def resume(self) -> bool:
+        """Load ``checkpoint.pt`` if there is one; refuse one made with other settings."""
+        path = self.outdir / "checkpoint.pt"
+        if not path.exists():
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != STATE:
+            raise ValueError(f"{path}: not a synthmorph training checkpoint")
+        saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE}
+        mine = {k: v for k, v in self.config.to_dict().items() if k not in RESUMABLE}
+        if saved != mine:
+            diff = sorted(k for k in mine if saved.get(k) != mine[k])
+            raise ValueError(f"{path}: made with other settings ({', '.join(diff)}); "
+                             "use another output directory or --restart")
+        self.task.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.step = int(state["step"])
+        self.best = state.get("best")
+        return True
+
+    # -- validation -------------------------------------------------------------------
+    def validation_pairs(self) -> list[Pair]:
+        """A fixed set of pairs (its own seed, independent of the training draws)."""
+        if self._val is None:
+            gen = torch.Generator().manual_seed(self.config.seed + 1_000_003)
+            synth = self.synth
+            if self.config.model != "joint":  # affine truth needs pairs without warps
+                synth = synth.replace(warp_std_mm=0.0)
+            self._val = [make_pair(self.source, synth, gen, self.device)
+                         for _ in range(self.config.val_pairs)]
+        return self._val
+
+    def validate(self) -> dict[str, float]:
+        self.task.model.eval()
+        rows = [self.task.evaluate(p) for p in self.validation_pairs()]
+        self.task.model.train()
+        return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} if rows else {}
+
+    # -- loop -------------------------------------------------------------------------
+    def export(self, path: Path | None = None, extra: dict | None = None) -> Path:
+        """Write the trained network in the package's model format (``model.pt``)."""
+        path = path or self.outdir / "model.pt"
+        parts = self.task.export()
+        if self.config.model == "joint" and self.config.affine_weights:
+            parts["affine"] = load_checkpoint(self.config.affine_weights)["affine"]
+        meta = {"trained_steps": self.step, "date": datetime.now(timezone.utc).date().isoformat(),
+                "training_config": json.dumps(self.config.to_dict()), **(extra or {})}
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_checkpoint(tmp, meta=meta, **parts)
+        os.replace(tmp, path)
+        return path
+
+    def run(self, progress: bool = True) -> dict[str, float]:
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        cfg = self.config
+        with (self.outdir / "log.jsonl").open("a") as f:
+            f.write(json.dumps({"event": "start", "step": self.step, "config": cfg.to_dict(),
+                                "device": str(self.device)}) + "\n")
+        bar = Progress(cfg.steps, self.step, self.log) if progress else None
+        model = self.task.model.train()
+        metrics: dict[str, float] = {}
+        while self.step < cfg.steps:
+            t0 = time.monotonic()
+            pair = make_pair(self.source, self.synth, self.generator, self.device)
+            if cfg.crop and cfg.crop < cfg.grid:
+                pair = crop_pair(pair, cfg.crop, self.generator)
+            try:
+                loss, terms = self.task.loss(pair, self.generator, self.autocast)
+            except torch.linalg.LinAlgError as err:  # e.g. all feature maps empty: no fit
+                with (self.outdir / "log.jsonl").open("a") as f:
+                    f.write(json.dumps({"event": "skipped", "step": self.step + 1,
+                                        "reason": str(err).splitlines()[0]}) + "\n")
+                continue
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss is {value} at step {self.step + 1}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            row = {"step": self.step, "loss": value, **terms,
+                   "seconds": round(time.monotonic() - t0, 4)}
+            _append(self.outdir / "train.csv", row)
+            if bar:
+                bar.update(self.step, value)
+            last = self.step == cfg.steps
+            if cfg.val_every and (self.step % cfg.val_every == 0 or last):
+                metrics = self.validate()
+                _append(self.outdir / "val.csv", {"step": self.step, **metrics})
+                with (self.outdir / "log.jsonl").open("a") as f:
+                    f.write(json.dumps({"event": "validation", "step": self.step,
+                                        **metrics}) + "\n")
+            if self.step % cfg.ckpt_every == 0 or last:
+                self.save()
+        del model
+        if not metrics and cfg.val_pairs:
+            metrics = self.validate()
+        self.export(extra={f"val_{k}": round(v, 5) for k, v in metrics.items()})
+        return metrics

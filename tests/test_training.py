@@ -1,0 +1,271 @@
+"""Training: configuration, label sources, synthetic pairs with known truth, objectives that
+learn, resumable deterministic runs, and the synth/train commands."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nb
+import numpy as np
+import pytest
+import torch
+
+from synthmorph_nipype.cli.main import main
+from synthmorph_nipype.engine.weights import load_models
+from synthmorph_nipype.errors import InputError
+from synthmorph_nipype.models.checkpoint import load_checkpoint
+from synthmorph_nipype.ops.jacobian import folding_percent, jacobian_det
+from synthmorph_nipype.synthesis.generator import SynthConfig
+from synthmorph_nipype.training.config import TrainConfig, read_config
+from synthmorph_nipype.training.data import LabelSource, grid_matrix
+from synthmorph_nipype.training.losses import soft_dice
+from synthmorph_nipype.training.tasks import AffineTask, DeformTask, _mapped, warp_onehot
+from synthmorph_nipype.training.trainer import Trainer, make_pair
+
+TINY = {
+    "affine": {"num_feat": 16, "enc_nf": [8, 8, 8, 8], "add_nf": [8]},
+    "joint": {"hyp_units": [4, 4], "enc_nf": [4, 4, 4, 4], "dec_nf": [4, 4, 4, 4],
+              "add_nf": [4]},
+}
+
+
+def tiny_config(model: str, **changes) -> TrainConfig:
+    base = dict(model=model, widths=TINY["joint" if model == "joint" else "affine"], steps=4,
+                grid=32, shapes_prob=1.0, val_pairs=2, val_every=2, ckpt_every=2, threads=1,
+                amp=False, lr=1e-3)
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+# ------------------------------------------------------------------------------ config
+
+def test_config_files_and_errors(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('model = "affine"\nsteps = 7\n[synth]\nrotate_deg = 5.0\n')
+    cfg = read_config(toml, seed=3)
+    assert (cfg.model, cfg.steps, cfg.seed) == ("affine", 7, 3)
+    assert cfg.synth_config().rotate_deg == 5.0
+    assert cfg.widths["num_feat"] == 32  # defaults fill what the file leaves out
+    js = tmp_path / "c.json"
+    js.write_text(json.dumps({"model": "joint", "stpes": 3}))
+    with pytest.raises(InputError, match=r"c\.json: invalid training configuration "
+                                         r"\(unknown setting\(s\): stpes\)"):
+        read_config(js)
+    js.write_text("{nope")
+    with pytest.raises(InputError, match=r"c\.json: not valid json"):
+        read_config(js)
+    js.write_text(json.dumps({"model": "elastic"}))
+    with pytest.raises(InputError, match="model must be one of"):
+        read_config(js)
+    js.write_text(json.dumps({"synth": {"flip_prob": 2}}))
+    with pytest.raises(InputError, match="flip_prob must be a probability"):
+        read_config(js)
+
+
+# ------------------------------------------------------------------------------ data
+
+def test_training_grid_is_lia_and_centred():
+    mat = grid_matrix((96,) * 3, 2.0, np.array([1.0, 2.0, 3.0]))
+    assert nb.aff2axcodes(mat) == ("L", "I", "A")
+    assert np.allclose(np.linalg.norm(mat[:3, :3], axis=0), 2.0)
+    assert np.allclose(mat @ [48, 48, 48, 1], [1, 2, 3, 1])
+
+
+def test_template_brain_lands_in_the_middle_of_the_grid():
+    from synthmorph_nipype.synthesis.labels import template_labels
+
+    src = LabelSource((48,) * 3, 4.0, shapes_prob=0.0, head_prob=0.0)
+    lm = src.draw(torch.Generator().manual_seed(0))
+    assert lm.source == "brain" and lm.skull_labels == ()
+    lab = lm.labels[0].numpy()
+    # the brain's world centroid is the same on the template grid and on the training grid
+    tl, taff, _ = template_labels(2, subdivide=True)
+    centre = ImageCentre(tl, taff)
+    mat = grid_matrix((48,) * 3, 4.0, centre.c_ras)
+    got = mat[:3, :3] @ np.argwhere(lab > 0).mean(0) + mat[:3, 3]
+    assert np.linalg.norm(got - centre.brain_centroid) < 4.0
+    # the loss ignores nothing in a brain without head
+    assert torch.equal(lm.loss_labels, torch.arange(int(lab.max()) + 1))
+
+
+class ImageCentre:
+    def __init__(self, labels, affine):
+        from synthmorph_nipype.transforms.base import ImageGrid
+
+        self.c_ras = ImageGrid.make(labels.shape, affine).center_ras
+        ijk = np.argwhere(labels > 0).mean(0)
+        self.brain_centroid = affine[:3, :3] @ ijk + affine[:3, 3]
+
+
+def test_head_labels_are_strippable_and_ignored_by_the_loss():
+    src = LabelSource((32,) * 3, 6.0, shapes_prob=0.0, head_prob=1.0, num_heads=1)
+    lm = src.draw(torch.Generator().manual_seed(1))
+    assert lm.source == "brain+head" and len(lm.skull_labels) > 0
+    assert set(lm.skull_labels) <= set(torch.unique(lm.labels).tolist())
+    assert all(int(lm.loss_labels[k]) == 0 for k in lm.skull_labels)
+
+
+@pytest.mark.parametrize("flip", [0.0, 1.0])
+def test_pair_truth_maps_fixed_onto_moving(flip):
+    src = LabelSource((32,) * 3, 2.0, shapes_prob=1.0)
+    synth = SynthConfig(voxel_size=2.0, warp_std_mm=0.0, flip_prob=flip, shift_mm=10.0,
+                        rotate_deg=15.0)
+    pair = make_pair(src, synth, torch.Generator().manual_seed(4), torch.device("cpu"))
+    shape = pair.image_1.shape[2:]
+    moved = warp_onehot(pair.onehot_1, _mapped(pair.truth.float(), shape))
+    ident = warp_onehot(pair.onehot_1, _mapped(torch.eye(4), shape))
+    inside = moved.sum(1, keepdim=True) > 0.99  # moving field of view
+    d_truth = soft_dice(moved * inside, pair.onehot_2 * inside)
+    d_ident = soft_dice(ident * inside, pair.onehot_2 * inside)
+    # resampled twice (nearest, then linear) on a coarse grid: 0.84 with the truth
+    assert d_truth > 0.75 and d_truth > 4 * d_ident
+
+
+# ------------------------------------------------------------------------------ objectives
+
+def _fixed_pair(grid=32, seed=0, **synth):
+    src = LabelSource((grid,) * 3, 2.0, shapes_prob=1.0)
+    cfg = SynthConfig(voxel_size=2.0, flip_prob=0.0, **synth)
+    return make_pair(src, cfg, torch.Generator().manual_seed(seed), torch.device("cpu"))
+
+
+def test_affine_objective_learns_a_pair():
+    torch.manual_seed(0)
+    task = AffineTask(TrainConfig(model="affine", widths=TINY["affine"]).model_config())
+    pair = _fixed_pair(shift_mm=8.0, rotate_deg=8.0, warp_std_mm=0.0)
+    opt = torch.optim.Adam(task.model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(40):
+        loss, terms = task.loss(pair, gen)
+        assert terms["sim"] == pytest.approx(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None for p in task.model.parameters())
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert min(losses[-5:]) < 0.8 * losses[0]
+    assert "error_vox" in task.evaluate(pair)
+
+
+def test_deform_objective_learns_a_pair_without_folding():
+    torch.manual_seed(0)
+    task = DeformTask(TrainConfig(model="joint", widths=TINY["joint"]).model_config())
+    pair = _fixed_pair(shift_mm=0.0, rotate_deg=0.0, scale=0.0, shear=0.0, warp_std_mm=4.0)
+    before = task.evaluate(pair)
+    assert before["folding_pct"] == 0.0  # starts at the identity
+    with torch.no_grad():
+        d1, d2 = task.fields(pair, 0.5)
+    assert d1.abs().max() < 0.2 and d2.abs().max() < 0.2  # voxels
+    opt = torch.optim.Adam(task.model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        loss, terms = task.loss(pair, gen)
+        assert 0 <= terms["lambda"] <= 1
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = task.evaluate(pair)
+    assert after["dice"] > before["dice"] + 0.02
+
+
+def test_jacobian_determinant_of_a_linear_field():
+    a = torch.tensor([[0.1, 0.2, 0.0], [0.0, -0.3, 0.1], [0.05, 0.0, 0.2]], dtype=torch.float64)
+    x = torch.stack(torch.meshgrid(*[torch.arange(6.0, dtype=torch.float64)] * 3,
+                                   indexing="ij"), -1)
+    disp = x @ a.T
+    det = jacobian_det(disp)
+    assert torch.allclose(det, torch.linalg.det(torch.eye(3, dtype=torch.float64) + a))
+    fold = disp.clone()
+    fold[..., 0] = -2 * x[..., 0]  # x -> -x: every voxel folds
+    assert folding_percent(fold) == 100.0 and folding_percent(disp) == 0.0
+
+
+# ------------------------------------------------------------------------------ trainer
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("model", ["affine", "joint"])
+def test_resumed_run_equals_uninterrupted_run(model, tmp_path):
+    straight = Trainer(tiny_config(model, steps=4), tmp_path / "a")
+    straight.run(progress=False)
+    first = Trainer(tiny_config(model, steps=2), tmp_path / "b")
+    first.run(progress=False)
+    second = Trainer(tiny_config(model, steps=4), tmp_path / "b")
+    assert second.resume() and second.step == 2
+    second.run(progress=False)
+    a, b = _state(straight.task.model), _state(second.task.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = (tmp_path / "b" / "train.csv").read_text().splitlines()
+    assert len(rows) == 5 and rows[0].startswith("step,loss,sim")
+    val = (tmp_path / "b" / "val.csv").read_text().splitlines()
+    assert val[0].startswith("step,dice,dice_before") and len(val) == 3
+    # a different seed trains a different model
+    other = Trainer(tiny_config(model, steps=4, seed=9), tmp_path / "c")
+    other.run(progress=False)
+    c = _state(other.task.model)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    Trainer(tiny_config("affine", steps=1), tmp_path).run(progress=False)
+    with pytest.raises(ValueError, match="made with other settings \\(lr\\)"):
+        Trainer(tiny_config("affine", steps=2, lr=0.5), tmp_path).resume()
+
+
+def test_exported_models_load_in_the_engine(tmp_path):
+    aff = Trainer(tiny_config("affine", steps=1), tmp_path / "aff")
+    aff.run(progress=False)
+    joint = Trainer(tiny_config("joint", steps=1, affine_weights=str(tmp_path / "aff" /
+                                                                     "model.pt")),
+                    tmp_path / "joint")
+    joint.run(progress=False)
+    parts = load_checkpoint(tmp_path / "joint" / "model.pt")
+    assert parts["meta"]["trained_steps"] == 1 and "val_dice" in parts["meta"]
+    models = load_models("joint", [tmp_path / "joint" / "model.pt"], lam=0.3)
+    ref = load_checkpoint(tmp_path / "aff" / "model.pt")["affine"].state_dict()
+    assert all(torch.equal(ref[k], v) for k, v in models.affine.state_dict().items())
+    assert models.deform is not None
+
+
+# ------------------------------------------------------------------------------ commands
+
+def test_synth_command_writes_pairs(tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"grid": 32, "shapes_prob": 1.0}))
+    assert main(["synth", str(tmp_path / "out"), "-n", "2", "--config", str(cfg),
+                 "--seed", "5"]) == 0
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == [f"pair{n:03d}_{kind}_{k}.nii.gz" for n in range(2)
+                     for kind in ("image", "labels") for k in (1, 2)]
+    img = nb.load(tmp_path / "out" / "pair000_image_1.nii.gz")
+    lab = nb.load(tmp_path / "out" / "pair000_labels_1.nii.gz")
+    assert img.shape == lab.shape == (32, 32, 32) and nb.aff2axcodes(img.affine) == tuple("LIA")
+    data = np.asarray(img.dataobj)
+    assert 0 <= data.min() and data.max() <= 1 and data.std() > 0.05
+    assert np.issubdtype(lab.get_data_dtype(), np.integer) and len(np.unique(lab.dataobj)) > 5
+    assert "wrote 2 pairs" in capsys.readouterr().out
+
+
+def test_train_command_then_register(tmp_path, template, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({k: v for k, v in tiny_config("affine").to_dict().items()
+                               if k not in ("synth",)}))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--steps", "2", "-q"]) == 0
+    assert "trained affine for 2 steps" in capsys.readouterr().out
+    assert {"checkpoint.pt", "model.pt", "train.csv", "val.csv", "log.jsonl"} <= {
+        p.name for p in out.iterdir()}
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--steps", "3", "-q"]) == 0
+    assert "resuming at step 2" in capsys.readouterr().err
+    lta = tmp_path / "x.lta"
+    assert main(["register", str(template), str(template), "-m", "affine", "-e", "192",
+                 "-w", str(out / "model.pt"), "-t", str(lta)]) == 0
+    assert lta.exists()
+    bad = tmp_path / "bad.toml"
+    bad.write_text("model = 3\n")
+    assert main(["train", "--config", str(bad), "--out", str(tmp_path / "no")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad.toml" in err
