@@ -209,6 +209,15 @@ def test_resumed_run_equals_uninterrupted_run(model, tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_time_limit_stops_after_one_step_and_resumes(tmp_path):
+    trainer = Trainer(tiny_config("affine", steps=50), tmp_path)
+    trainer.run(progress=False, max_minutes=0)
+    assert trainer.step == 1
+    assert load_checkpoint(tmp_path / "model.pt")["meta"]["trained_steps"] == 1
+    again = Trainer(tiny_config("affine", steps=2), tmp_path)
+    assert again.resume() and again.step == 1
+
+
 def test_resume_refuses_other_settings(tmp_path):
     Trainer(tiny_config("affine", steps=1), tmp_path).run(progress=False)
     with pytest.raises(ValueError, match="made with other settings \\(lr\\)"):

@@ -139,6 +139,8 @@ def build_parser() -> Parser:
     tr.add_argument("-j", "--threads", type=_positive, metavar="N")
     tr.add_argument("--affine-weights", metavar="PT",
                     help="joint: affine model .pt to bundle into the exported model")
+    tr.add_argument("--max-minutes", type=float, metavar="M",
+                    help="stop (checkpoint and export) after M minutes; run again to resume")
     tr.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     tr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser

@@ -236,9 +236,12 @@ class Trainer:
         os.replace(tmp, path)
         return path
 
-    def run(self, progress: bool = True) -> dict[str, float]:
+    def run(self, progress: bool = True, max_minutes: float | None = None) -> dict[str, float]:
+        """Train up to ``config.steps`` (or until ``max_minutes`` have passed: then stop
+        after the current step, checkpoint and export, ready to resume)."""
         self.outdir.mkdir(parents=True, exist_ok=True)
         cfg = self.config
+        deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
         with (self.outdir / "log.jsonl").open("a") as f:
             f.write(json.dumps({"event": "start", "step": self.step, "config": cfg.to_dict(),
                                 "device": str(self.device)}) + "\n")
@@ -269,7 +272,8 @@ class Trainer:
             _append(self.outdir / "train.csv", row)
             if bar:
                 bar.update(self.step, value)
-            last = self.step == cfg.steps
+            last = self.step == cfg.steps or (deadline is not None
+                                               and time.monotonic() > deadline)
             if cfg.val_every and (self.step % cfg.val_every == 0 or last):
                 metrics = self.validate()
                 _append(self.outdir / "val.csv", {"step": self.step, **metrics})
@@ -278,6 +282,8 @@ class Trainer:
                                         **metrics}) + "\n")
             if self.step % cfg.ckpt_every == 0 or last:
                 self.save()
+            if last:
+                break
         del model
         if not metrics and cfg.val_pairs:
             metrics = self.validate()
