@@ -278,3 +278,51 @@ def test_train_command_then_register(tmp_path, template, capsys):
     assert main(["train", "--config", str(bad), "--out", str(tmp_path / "no")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "bad.toml" in err
+
+
+def test_training_fields_are_the_engines_half_resolution_fields():
+    """What the trainer optimises is what inference computes: the deformable task's field
+    on the training grid equals the engine's half-resolution field for the same inputs
+    (mode deform: no mid-space), in direction and size."""
+    from synthmorph_nipype.engine.network import run_deformable
+    from synthmorph_nipype.training.tasks import Pair
+
+    torch.manual_seed(3)
+    task = DeformTask(TrainConfig(model="joint", widths=TINY["joint"]).model_config(), steps=5)
+    with torch.no_grad():  # a clearly non-zero field
+        for p in task.model.convs[-1].parameters():
+            p.mul_(3e4)
+    full_1, full_2 = torch.rand(2, 32, 32, 32).unbind(0)
+    half_1, half_2 = full_1[::2, ::2, ::2], full_2[::2, ::2, ::2]
+    onehot = torch.zeros(1, 2, 16, 16, 16)
+    pair = Pair(half_1[None, None], half_2[None, None], onehot, onehot)
+    with torch.no_grad():
+        d1, d2 = task.fields(pair, 0.3)
+    out = run_deformable(task.model.specialize(0.3), full_1, full_2, steps=5, keep=True)
+    assert d1.abs().max() > 0.5
+    assert torch.allclose(out.stages["half_def_1"], d1, atol=1e-4)
+    assert torch.allclose(out.stages["half_def_2"], d2, atol=1e-4)
+    # the full-resolution map the engine writes at x is twice the field at x / 2
+    full = torch.as_tensor(out.out_1)[10, 12, 14]
+    assert torch.allclose(full, 2 * d1[5, 6, 7], atol=1e-3)
+
+
+def test_training_matrix_is_the_engines_affine():
+    """The affine task's half-resolution matrix is the engine's full-resolution one: the
+    official code's centred convention puts half-grid voxel ``i`` at ``2 i + 0.5``."""
+    from synthmorph_nipype.engine.network import run_affine
+    from synthmorph_nipype.training.tasks import Pair
+
+    torch.manual_seed(4)
+    task = AffineTask(TrainConfig(model="affine", widths=TINY["affine"]).model_config())
+    full_1, full_2 = _fixed_pair(grid=96, shift_mm=6.0, warp_std_mm=0.0).image_1[0, 0], \
+        _fixed_pair(grid=96, seed=1, warp_std_mm=0.0).image_1[0, 0]
+    empty = torch.zeros(1, 2, 48, 48, 48)
+    pair = Pair(full_1[::2, ::2, ::2][None, None], full_2[::2, ::2, ::2][None, None], empty, empty)
+    with torch.no_grad():
+        half = task.matrix(pair).numpy()
+    out = run_affine(task.model.eval(), full_1, full_2).out_1
+    scale = np.diag([2.0, 2.0, 2.0, 1.0])
+    scale[:3, 3] = 0.5
+    assert np.abs(half - np.eye(4)).max() > 1e-3
+    assert np.allclose(scale @ half @ np.linalg.inv(scale), out, atol=1e-5)
