@@ -121,6 +121,27 @@ def test_pair_truth_maps_fixed_onto_moving(flip):
     assert d_truth > 0.75 and d_truth > 4 * d_ident
 
 
+def test_same_contrast_pairs_and_the_curriculum():
+    from synthmorph_nipype.synthesis.generator import sample_pair
+
+    labels = LabelSource((32,) * 3, 2.0).draw(torch.Generator().manual_seed(0)).labels
+    cfg = SynthConfig.identity(voxel_size=2.0, noise_min=0.1, noise_max=0.2)
+    same = sample_pair(labels, cfg, torch.Generator().manual_seed(1), same_contrast=True)
+    other = sample_pair(labels, cfg, torch.Generator().manual_seed(1))
+    assert torch.equal(same["image_1"], same["image_2"])
+    assert torch.equal(same["image_1"], other["image_1"])
+    assert not torch.allclose(other["image_1"], other["image_2"], atol=0.05)
+
+    tc = TrainConfig(model="joint", warmup_steps=100)
+    start, p0 = tc.synth_at(0)
+    half, p50 = tc.synth_at(50)
+    end, p100 = tc.synth_at(100)
+    assert (p0, p50, p100) == (1.0, 0.5, 0.0)
+    assert start.noise_max == 0 and start.res_prob == 0 and start.bias_std == 0
+    assert half.noise_max == pytest.approx(0.5 * end.noise_max) and end == tc.synth_config()
+    assert start.warp_std_mm == end.warp_std_mm  # geometry is not ramped
+
+
 # ------------------------------------------------------------------------------ objectives
 
 def _fixed_pair(grid=32, seed=0, **synth):

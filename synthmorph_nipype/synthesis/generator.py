@@ -512,8 +512,8 @@ def _flip(x: torch.Tensor, flips: list[list[bool]], first: int) -> torch.Tensor:
     return torch.stack(parts) if parts else x
 
 
-def sample_pair(labels: torch.Tensor, config: SynthConfig,
-                generator: torch.Generator) -> dict[str, torch.Tensor]:
+def sample_pair(labels: torch.Tensor, config: SynthConfig, generator: torch.Generator,
+                same_contrast: bool = False) -> dict[str, torch.Tensor]:
     """A training pair from label maps ``(B, X, Y, Z)`` (one anatomy per batch element).
 
     Each image gets its own random affine and SVF warp of the same label map (the
@@ -527,18 +527,30 @@ def sample_pair(labels: torch.Tensor, config: SynthConfig,
     ``affine_2`` ((B, 4, 4)), ``disp_1``, ``disp_2`` ((B, X, Y, Z, 3) voxels) - the
     transforms act before the flips, mapping output voxel ``x`` to the source label
     voxel ``affine @ (x + disp(x))`` - and ``flips`` ((B, 3) bool).
+
+    With ``same_contrast`` the second image repeats the first one's intensity draws
+    (label means, noise, bias, blur, gamma, resolution, crop), an easier pair for the
+    start of training.
     """
     if labels.ndim != 4:
         raise ValueError(f"expected labels (B, X, Y, Z), got {tuple(labels.shape)}")
     labels = labels.long()
     dev, b, shape = labels.device, labels.shape[0], tuple(labels.shape[1:])
     out: dict[str, torch.Tensor] = {}
+    contrast_state = generator.get_state()  # set again before the first image's contrast
     for k in (1, 2):
         affine = random_affine(b, shape, config, generator, device=dev)
         disp = random_svf_warp(b, shape, config, generator, device=dev)
         moved = deform_labels(labels, affine, disp)
         moved, _ = strip_labels(moved, config.skull_labels, config.skull_prob, generator)
-        out[f"image_{k}"] = labels_to_image(moved, config, generator)
+        if same_contrast and k == 2:
+            now = generator.get_state()
+            generator.set_state(contrast_state)
+            out["image_2"] = labels_to_image(moved, config, generator)
+            generator.set_state(now)
+        else:
+            contrast_state = generator.get_state()
+            out[f"image_{k}"] = labels_to_image(moved, config, generator)
         out[f"labels_{k}"] = moved
         out[f"affine_{k}"] = affine
         out[f"disp_{k}"] = disp

@@ -18,6 +18,8 @@ from ..models.joint import UNetConfig
 from ..synthesis.generator import SynthConfig
 
 MODELS = ("affine", "rigid", "joint")
+RAMPED = ("noise_min", "noise_max", "blur_max_mm", "bias_std", "gamma_std", "res_prob",
+          "crop_prob")
 
 # Widths of the embedded defaults (small enough to ship and to run fast on a CPU).
 DEFAULT_WIDTHS = {
@@ -50,6 +52,10 @@ class TrainConfig:
     shapes_prob: float = 0.5  # random-shape label maps vs template brains
     head_prob: float = 0.5  # brains with a synthetic head (then skull on/off at random)
     synth: dict = field(default_factory=dict)  # SynthConfig changes (over DEFAULT_SYNTH)
+    # curriculum: over the first warmup_steps the augmentations (noise, blur, bias, gamma,
+    # resolution loss, cropping) ramp up from none and the share of pairs whose images
+    # share one contrast falls from all to none
+    warmup_steps: int = 0
     similarity: str = "label_mse"
     regularizer: str = "grad_l2"
     int_steps: int = 7
@@ -76,6 +82,15 @@ class TrainConfig:
         changes = {**DEFAULT_SYNTH[self.model], **self.synth}
         changes = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
         return SynthConfig(voxel_size=self.voxel_mm, **changes)
+
+    def synth_at(self, step: int) -> tuple[SynthConfig, float]:
+        """Synthesis at ``step`` and the probability of a same-contrast pair (curriculum)."""
+        target = self.synth_config()
+        if step >= self.warmup_steps:
+            return target, 0.0
+        t = step / self.warmup_steps
+        ramp = {k: t * getattr(target, k) for k in RAMPED}
+        return target.replace(**ramp), 1.0 - t
 
     def model_config(self) -> AffineConfig | UNetConfig:
         """The network configuration the widths describe."""

@@ -77,11 +77,11 @@ def crop_pair(pair: Pair, size: int, generator: torch.Generator) -> Pair:
 
 
 def make_pair(source: LabelSource, synth: SynthConfig, generator: torch.Generator,
-              device: torch.device) -> Pair:
+              device: torch.device, same_contrast: bool = False) -> Pair:
     """One synthetic pair on ``device``; the true map is known when there is no warp."""
     lm = source.draw(generator, device)
     cfg = synth.replace(skull_labels=lm.skull_labels)
-    out = sample_pair(lm.labels, cfg, generator)
+    out = sample_pair(lm.labels, cfg, generator, same_contrast=same_contrast)
     n = int(lm.loss_labels.max()) + 1
     oh1 = one_hot(lm.loss_labels[out["labels_1"]], n)
     oh2 = one_hot(lm.loss_labels[out["labels_2"]], n)
@@ -250,7 +250,9 @@ class Trainer:
         metrics: dict[str, float] = {}
         while self.step < cfg.steps:
             t0 = time.monotonic()
-            pair = make_pair(self.source, self.synth, self.generator, self.device)
+            synth, p_same = cfg.synth_at(self.step)
+            same = bool(torch.rand((), generator=self.generator) < p_same) if p_same else False
+            pair = make_pair(self.source, synth, self.generator, self.device, same)
             if cfg.crop and cfg.crop < cfg.grid:
                 pair = crop_pair(pair, cfg.crop, self.generator)
             try:
