@@ -64,7 +64,11 @@ def train(args: argparse.Namespace) -> None:
         raise SynthMorphError(str(err)) from None
     if resumed:
         print(f"resuming at step {trainer.step} from {out / 'checkpoint.pt'}", file=sys.stderr)
-    metrics = trainer.run(progress=not args.quiet, max_minutes=args.max_minutes)
+    try:
+        metrics = trainer.run(progress=not args.quiet, max_minutes=args.max_minutes)
+    except FloatingPointError as err:  # diverged: the last checkpoint is still there
+        raise SynthMorphError(f"{out}: training diverged ({err}); resume from the last "
+                              "checkpoint with a lower lr in a new output directory") from None
     summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
     print(f"trained {cfg.model} for {trainer.step} steps -> {out / 'model.pt'}"
           + (f" (validation: {summary})" if summary else ""))
