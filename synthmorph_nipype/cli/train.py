@@ -67,8 +67,8 @@ def train(args: argparse.Namespace) -> None:
     try:
         metrics = trainer.run(progress=not args.quiet, max_minutes=args.max_minutes)
     except FloatingPointError as err:  # diverged: the last checkpoint is still there
-        raise SynthMorphError(f"{out}: training diverged ({err}); resume from the last "
-                              "checkpoint with a lower lr in a new output directory") from None
+        raise SynthMorphError(f"{out}: training diverged ({err}); checkpoint.pt holds the "
+                              "last saved step, try a lower lr") from None
     summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
     print(f"trained {cfg.model} for {trainer.step} steps -> {out / 'model.pt'}"
           + (f" (validation: {summary})" if summary else ""))
