@@ -294,6 +294,10 @@ def test_train_command_then_register(tmp_path, template, capsys):
     assert main(["register", str(template), str(template), "-m", "affine", "-e", "192",
                  "-w", str(out / "model.pt"), "-t", str(lta)]) == 0
     assert lta.exists()
+    assert main(["train", "--model", "joint", "--out", str(tmp_path / "j"), "--affine-weights",
+                 str(tmp_path / "missing.pt")]) == 1
+    assert "missing.pt: affine weights not found" in capsys.readouterr().err
+    assert not (tmp_path / "j").exists()
     bad = tmp_path / "bad.toml"
     bad.write_text("model = 3\n")
     assert main(["train", "--config", str(bad), "--out", str(tmp_path / "no")]) == 1

@@ -53,6 +53,9 @@ def train(args: argparse.Namespace) -> None:
     cfg = read_config(args.config, model=args.model, steps=args.steps, seed=args.seed,
                       device=args.device, threads=args.threads,
                       affine_weights=args.affine_weights)
+    if cfg.model == "joint" and cfg.affine_weights and not Path(cfg.affine_weights).is_file():
+        raise SynthMorphError(f"{cfg.affine_weights}: affine weights not found (train the "
+                              "affine model first, or leave --affine-weights out)")
     out = _outdir(args.out)
     if args.restart:
         for name in ("checkpoint.pt", "train.csv", "val.csv", "log.jsonl"):
