@@ -24,3 +24,22 @@ def test_site_folder_and_rigid_fallback(tiny_weights, tmp_path, monkeypatch):
         find_weights("joint")
     # -w wins over every default
     assert find_weights("joint", [str(tiny_weights["joint"])]) == [tiny_weights["joint"]]
+
+
+def test_register_builds_only_the_directions_asked_for(tiny_weights, template):
+    import nibabel as nb
+    import numpy as np
+
+    from synthmorph_nipype.engine.register import register
+
+    img = nb.load(template)
+    moving = nb.Nifti1Image(np.asarray(img.dataobj)[::-1].copy(), img.affine)
+    models = load_models("joint", [tiny_weights["joint"]])
+    both = register(moving, img, models, mode="joint", extent=192)
+    fwd = register(moving, img, models, mode="joint", extent=192, outputs=("forward",))
+    inv = register(moving, img, models, mode="joint", extent=192, outputs=("inverse",))
+    assert fwd.inverse is None and inv.forward is None
+    for got, ref in ((fwd.forward, both.forward), (inv.inverse, both.inverse)):
+        assert np.array_equal(got.transforms[0].matrix, ref.transforms[0].matrix)
+        assert np.array_equal(got.transforms[1].field, ref.transforms[1].field)
+    assert np.abs(both.forward.transforms[1].field).max() > 0

@@ -72,8 +72,11 @@ def register(args: argparse.Namespace) -> None:
     files = find_weights(args.mode, args.weights)
     models = load_models(args.mode, files, lam=args.lam)
     start = time.perf_counter()
+    outputs = tuple(name for name, wanted in (("forward", args.trans or args.out_moving),
+                                              ("inverse", args.inverse or args.out_fixed))
+                    if wanted)
     result = run_register(moving, fixed, models, mode=args.mode, extent=args.extent,
-                          steps=args.steps, init=init, device=device)
+                          steps=args.steps, init=init, device=device, outputs=outputs)
     elapsed = time.perf_counter() - start
     with OutputSet() as out:
         if args.trans:

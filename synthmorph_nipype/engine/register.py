@@ -36,8 +36,8 @@ class Registration:
     mode: str
     moving: ImageGrid
     fixed: ImageGrid
-    forward: Chain
-    inverse: Chain
+    forward: Chain | None
+    inverse: Chain | None
     info: dict = field(default_factory=dict)
 
 
@@ -58,7 +58,8 @@ def set_threads(threads: int | None) -> None:
 
 def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int = 256,
              steps: int = 7, init: Transform | None = None,
-             device: torch.device | str = "cpu") -> Registration:
+             device: torch.device | str = "cpu",
+             outputs: tuple[str, ...] = ("forward", "inverse")) -> Registration:
     """Register ``moving`` to ``fixed`` (nibabel images, any orientation and voxel size).
 
     Parameters
@@ -73,6 +74,8 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
     init : initial affine transform (fixed RAS -> moving RAS), folded into the moving
         network space; the results include it.
     device : where the networks run.
+    outputs : which of ``forward`` and ``inverse`` to build (the other is ``None``); a
+        deformable direction nobody asked for costs its own world-space field.
     """
     if mode not in MODES:
         raise SynthMorphError(f"unknown mode {mode!r}, choose from {', '.join(MODES)}")
@@ -106,13 +109,17 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
     affine = Affine(world_matrix(out.affine_1, mov_net2ras, fix_ras2net))
     if mode == "deform":
         affine = init_affine
-    total_fw = world_field(out.out_1, mov_net2ras, fix_ras2net @ fix.affine, fix.affine,
-                           fix.shape)
-    total_bw = world_field(out.out_2, fix_net2ras, mov_ras2net @ mov.affine, mov.affine,
-                           mov.shape)
-    del out
-    fw_res = residual_field(total_fw, fix.affine, affine.matrix, fix.shape)
-    bw_res = push_field(total_bw, mov.affine, affine.matrix, mov.shape)
-    forward = Chain([affine, DisplacementField(fix, fw_res)])
-    inverse = Chain([affine.inverse(), DisplacementField(mov, bw_res)])
+    forward = inverse = None
+    if "forward" in outputs:
+        total_fw = world_field(out.out_1, mov_net2ras, fix_ras2net @ fix.affine, fix.affine,
+                               fix.shape)
+        fw_res = residual_field(total_fw, fix.affine, affine.matrix, fix.shape)
+        del total_fw
+        forward = Chain([affine, DisplacementField(fix, fw_res)])
+    if "inverse" in outputs:
+        total_bw = world_field(out.out_2, fix_net2ras, mov_ras2net @ mov.affine, mov.affine,
+                               mov.shape)
+        bw_res = push_field(total_bw, mov.affine, affine.matrix, mov.shape)
+        del total_bw
+        inverse = Chain([affine.inverse(), DisplacementField(mov, bw_res)])
     return Registration(mode, mov, fix, forward, inverse, info)
