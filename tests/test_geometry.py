@@ -267,6 +267,15 @@ def spaces(template, tmp_path_factory) -> dict[str, Space]:
     return out
 
 
+def write_and_apply(truth: Chain, moving, fixed, path: Path):
+    """Write ``truth`` to ``path`` and resample the moving image through it with our
+    ``apply``; returns the output path and data."""
+    save_transform(path, truth, source=moving.grid, reference=fixed.grid)
+    ours_path = path.parent / "ours.nii.gz"
+    cli("apply", "--reference", fixed.path, path, moving.path, ours_path)
+    return ours_path, load_data(ours_path)
+
+
 # --------------------------------------------------------------------------- known affines
 @pytest.mark.parametrize("suffix", AFFINE_FORMATS)
 @pytest.mark.parametrize("case", list(AFFINE_CASES))
@@ -275,12 +284,8 @@ def test_known_affine_all_formats(spaces, tmp_path, case, suffix):
     moving, fixed = spaces[f"moving-{mkind}"], spaces[f"fixed-{fkind}"]
     truth = Chain([Affine(matrix)])
     path = tmp_path / f"xfm{suffix}"
-    save_transform(path, truth, source=moving.grid, reference=fixed.grid)
+    ours_path, ours = write_and_apply(truth, moving, fixed, path)
     label = f"{case}{suffix}"
-
-    ours_path = tmp_path / "ours.nii.gz"
-    cli("apply", "--reference", fixed.path, path, moving.path, ours_path)
-    ours = load_data(ours_path)
     assert ours.shape == fixed.grid.shape
     assert np.allclose(nib.load(str(ours_path)).affine, fixed.grid.affine, atol=1e-4)
     # the transform matters: without it the images would not agree
@@ -334,12 +339,8 @@ def known_warp(kind: str, spaces) -> tuple[Chain, Space, Space]:
 def test_known_warp_all_formats(spaces, tmp_path, kind, suffix):
     truth, moving, fixed = known_warp(kind, spaces)
     path = tmp_path / f"warp{suffix}"
-    save_transform(path, truth, source=moving.grid, reference=fixed.grid)
+    _, ours = write_and_apply(truth, moving, fixed, path)
     label = f"{kind}{suffix}"
-
-    ours_path = tmp_path / "ours.nii.gz"
-    cli("apply", "--reference", fixed.path, path, moving.path, ours_path)
-    ours = load_data(ours_path)
 
     rng = np.random.default_rng(7)
     pts = fixed.brain_points(rng)

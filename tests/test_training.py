@@ -243,6 +243,11 @@ def test_resume_refuses_other_settings(tmp_path):
     Trainer(tiny_config("affine", steps=1), tmp_path).run(progress=False)
     with pytest.raises(ValueError, match="made with other settings \\(lr\\)"):
         Trainer(tiny_config("affine", steps=2, lr=0.5), tmp_path).resume()
+    (tmp_path / "checkpoint.pt").write_bytes(b"truncated")
+    with pytest.raises(ValueError, match="checkpoint.pt: not a readable training checkpoint"):
+        Trainer(tiny_config("affine", steps=2), tmp_path).resume()
+    with pytest.raises(ValueError, match="device must be auto, cpu or cuda"):
+        tiny_config("affine", device="gpu")
 
 
 def test_exported_models_load_in_the_engine(tmp_path):

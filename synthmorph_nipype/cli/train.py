@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from ..engine.register import set_threads
 from ..errors import SynthMorphError
 from ..io.atomic import OutputSet
 from ..training.config import read_config
@@ -31,7 +32,7 @@ def synth(args: argparse.Namespace) -> None:
     """Write ``args.count`` synthetic pairs (images and label maps) as NIfTI."""
     cfg = read_config(args.config, model=args.model, seed=args.seed)
     out = _outdir(args.outdir)
-    torch.set_num_threads(args.threads or torch.get_num_threads())
+    set_threads(args.threads)
     source, synth_cfg = label_source(cfg), cfg.synth_config()
     gen = torch.Generator().manual_seed(cfg.seed)
     affine = grid_matrix((cfg.grid,) * 3, cfg.voxel_mm, np.zeros(3))

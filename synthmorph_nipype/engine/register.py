@@ -30,7 +30,8 @@ class Registration:
     ``forward`` maps fixed points to moving points (resamples the moving image onto the
     fixed grid, as ITK's ``-t``), ``inverse`` maps moving points to fixed points.
     Deformable results are ITK-composite-shaped chains ``[affine, field]``: the field is
-    applied first, on the grid of the space the points come from.
+    applied first, on the grid of the space the points come from. A direction left out of
+    ``register(outputs=...)`` is ``None``.
     """
 
     mode: str

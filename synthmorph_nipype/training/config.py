@@ -70,6 +70,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.steps < 0 or self.grid < 16 or self.grid % 16:
             raise ValueError("steps must be >= 0 and grid a multiple of 16")
         if self.crop is not None and not (16 <= self.crop <= self.grid and self.crop % 16 == 0):

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from ..engine.space import net_to_ras
+from ..ops.grid import affine_points
+from ..ops.sampling import sample_nearest
 from ..synthesis.labels import random_shapes, template_labels
 from ..transforms.base import ImageGrid
 
@@ -40,18 +42,13 @@ def grid_matrix(shape: tuple[int, int, int], voxel_mm: float, center: np.ndarray
 
 
 def template_on_grid(labels: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int],
-                     voxel_mm: float) -> np.ndarray:
+                     voxel_mm: float) -> torch.Tensor:
     """Nearest-neighbour resampling of a template label map onto the training grid
     centred on the template (off-template voxels are background)."""
     center = ImageGrid.make(labels.shape, affine).center_ras
     mat = np.linalg.inv(affine) @ grid_matrix(shape, voxel_mm, center)
-    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
-    src = np.rint(ijk @ mat[:3, :3].T + mat[:3, 3]).astype(np.int64)
-    inside = np.all((src >= 0) & (src < np.array(labels.shape)), axis=-1)
-    out = np.zeros(shape, dtype=np.int64)
-    s = src[inside]
-    out[inside] = labels[s[:, 0], s[:, 1], s[:, 2]]
-    return out
+    points = affine_points(mat, shape, dtype=torch.float64)
+    return sample_nearest(torch.from_numpy(labels.astype(np.int64)), points, fill=0)
 
 
 class LabelSource:
@@ -92,7 +89,7 @@ class LabelSource:
                 self.brains.append((self._place(lab, aff), skull, num_brain))
 
     def _place(self, lab: np.ndarray, aff: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(template_on_grid(lab, aff, self.shape, self.voxel_mm))
+        return template_on_grid(lab, aff, self.shape, self.voxel_mm)
 
     def draw(self, generator: torch.Generator, device: torch.device | str = "cpu") -> LabelMap:
         """One label map, drawn with ``generator`` (the same state gives the same map)."""

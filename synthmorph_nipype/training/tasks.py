@@ -22,7 +22,7 @@ from torch import nn
 from ..models.affine import AffineConfig, AffineDetector, centred_to_index
 from ..models.joint import HyperUNet, UNetConfig
 from ..models.layers import HyperConv3d
-from ..ops.grid import voxel_grid
+from ..ops.grid import apply_affine, voxel_grid
 from ..ops.integrate import integrate_svf
 from ..ops.jacobian import folding_percent
 from ..ops.sampling import sample_linear
@@ -64,8 +64,7 @@ def warp_onehot(onehot: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
 def _mapped(matrix: torch.Tensor, shape, stride: int = 1) -> torch.Tensor:
     """``matrix @ x`` for the voxels ``x`` of ``shape`` taken every ``stride``."""
     grid = voxel_grid(shape, dtype=matrix.dtype, device=matrix.device)
-    grid = grid[::stride, ::stride, ::stride]
-    return grid @ matrix[:3, :3].T + matrix[:3, 3]
+    return apply_affine(matrix, grid[::stride, ::stride, ::stride])
 
 
 def init_weights(model: nn.Module, slope: float = 0.2) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from ..engine.register import pick_device, set_threads
+from ..io.atomic import OutputSet
 from ..models.checkpoint import load_checkpoint, save_checkpoint
 from ..synthesis.generator import SynthConfig, sample_pair
 from .config import TrainConfig
@@ -38,12 +39,6 @@ from .tasks import TASKS, Pair, Task
 STATE = "synthmorph-nipype-training"
 # settings a resumed run may change (everything else must match the checkpoint)
 RESUMABLE = {"steps", "threads", "device", "val_every", "ckpt_every", "affine_weights"}
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def autocast_for(device: torch.device, amp: str | bool):
@@ -132,12 +127,6 @@ class Progress:
         self.stream.flush()
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _append(path: Path, row: dict) -> None:
     new = not path.exists()
     with path.open("a", newline="") as f:
@@ -154,9 +143,9 @@ class Trainer:
         self.config = config
         self.outdir = Path(outdir)
         self.log = log
-        self.device = pick_device(config.device)
+        self.device = pick_device({"auto": None, "cpu": False, "cuda": True}[config.device])
         if config.threads:
-            torch.set_num_threads(config.threads)
+            set_threads(config.threads)
         self.autocast = autocast_for(self.device, config.amp)
         kwargs = {"similarity": config.similarity}
         if config.model == "joint":
@@ -170,7 +159,6 @@ class Trainer:
         self.synth = config.synth_config()
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
-        self.best: float | None = None
         self._val: list[Pair] | None = None
 
     # -- state ------------------------------------------------------------------------
@@ -178,17 +166,22 @@ class Trainer:
         return {"format": STATE, "step": self.step, "config": self.config.to_dict(),
                 "model": self.task.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state(), "best": self.best}
+                "generator": self.generator.get_state()}
 
     def save(self) -> None:
-        _atomic_save(self.state(), self.outdir / "checkpoint.pt")
+        with OutputSet() as out:
+            torch.save(self.state(), out.temp(self.outdir / "checkpoint.pt"))
 
     def resume(self) -> bool:
         """Load ``checkpoint.pt`` if there is one; refuse one made with other settings."""
         path = self.outdir / "checkpoint.pt"
         if not path.exists():
             return False
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as err:  # truncated or foreign file
+            raise ValueError(f"{path}: not a readable training checkpoint "
+                             f"({err.__class__.__name__}); use --restart") from None
         if not isinstance(state, dict) or state.get("format") != STATE:
             raise ValueError(f"{path}: not a synthmorph training checkpoint")
         saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE}
@@ -201,7 +194,6 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.step = int(state["step"])
-        self.best = state.get("best")
         return True
 
     # -- validation -------------------------------------------------------------------
@@ -231,9 +223,8 @@ class Trainer:
             parts["affine"] = load_checkpoint(self.config.affine_weights)["affine"]
         meta = {"trained_steps": self.step, "date": datetime.now(timezone.utc).date().isoformat(),
                 "training_config": json.dumps(self.config.to_dict()), **(extra or {})}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_checkpoint(tmp, meta=meta, **parts)
-        os.replace(tmp, path)
+        with OutputSet() as out:
+            save_checkpoint(out.temp(path), meta=meta, **parts)
         return path
 
     def run(self, progress: bool = True, max_minutes: float | None = None) -> dict[str, float]:
@@ -246,7 +237,7 @@ class Trainer:
             f.write(json.dumps({"event": "start", "step": self.step, "config": cfg.to_dict(),
                                 "device": str(self.device)}) + "\n")
         bar = Progress(cfg.steps, self.step, self.log) if progress else None
-        model = self.task.model.train()
+        self.task.model.train()
         metrics: dict[str, float] = {}
         while self.step < cfg.steps:
             t0 = time.monotonic()
@@ -286,7 +277,6 @@ class Trainer:
                 self.save()
             if last:
                 break
-        del model
         if not metrics and cfg.val_pairs:
             metrics = self.validate()
         self.export(extra={f"val_{k}": round(v, 5) for k, v in metrics.items()})
