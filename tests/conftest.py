@@ -56,3 +56,32 @@ def template(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("template") / "template.nii.gz"
     nb.save(nb.Nifti1Image(data, img.affine), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def nipype_pair(template, tiny_weights, tmp_path_factory) -> dict[str, Path]:
+    """Inputs of the Nipype tests: the 2 mm template as ``fixed``; ``moving``, the same data
+    under a rotated and shifted header (plus a brain ``mask`` and ``labels`` on its grid);
+    ``moving_2``, another shift; and the tiny ``weights`` (joint)."""
+    from synthmorph_nipype.transforms.base import rotation
+
+    root = tmp_path_factory.mktemp("nipype_pair")
+    img = nb.load(template)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    out = {"fixed": root / "fixed.nii.gz", "weights": tiny_weights["joint"]}
+    nb.save(nb.Nifti1Image(data, img.affine), out["fixed"])
+    for name, rot, shift in (("moving", (5.0, -3.0, 6.0), (4.0, -6.0, 3.0)),
+                             ("moving_2", (-2.0, 4.0, 0.0), (-5.0, 2.0, 6.0))):
+        move = np.eye(4)
+        move[:3, :3], move[:3, 3] = rotation(rot), shift
+        affine = move @ img.affine
+        out[name] = root / f"{name}.nii.gz"
+        nb.save(nb.Nifti1Image(data, affine), out[name])
+        if name == "moving":
+            out["mask"] = root / "mask.nii.gz"
+            nb.save(nb.Nifti1Image((data > 0.2 * data.max()).astype(np.uint8), affine),
+                    out["mask"])
+            out["labels"] = root / "labels.nii.gz"
+            nb.save(nb.Nifti1Image(np.digitize(data, np.quantile(data, [0.5, 0.8]))
+                                   .astype(np.int16), affine), out["labels"])
+    return out

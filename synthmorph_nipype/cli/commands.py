@@ -27,14 +27,14 @@ def _check_image_output(path: str) -> None:
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
-    for path in (args.out_moving, args.out_fixed, args.trans, args.inverse):
+    for path in (args.out_moving, args.out_fixed, *args.trans, *args.inverse):
         if path:
             OutputSet.check_writable(path)
     for path in (args.out_moving, args.out_fixed):
         if path:
             _check_image_output(path)
-    for path in (args.trans, args.inverse):
-        if path and transform_suffix(path) in LINEAR_ONLY and args.mode not in (
+    for path in (*args.trans, *args.inverse):
+        if transform_suffix(path) in LINEAR_ONLY and args.mode not in (
                 "affine", "rigid"):
             raise SynthMorphError(f"{path}: this format holds affine transforms only; "
                                   f"write the {args.mode} transform as .h5 or .nii.gz")
@@ -59,8 +59,8 @@ def register(args: argparse.Namespace) -> None:
     set_threads(args.threads)
     device = pick_device(False if args.cpu else True if args.gpu else None)
     moving, fixed = load_image(args.moving), load_image(args.fixed)
-    for path, img in ((args.trans, fixed), (args.inverse, moving)):
-        if path and transform_suffix(path) in (".h5", ".nii", ".nii.gz") and has_shear(
+    for path, img in [(p, fixed) for p in args.trans] + [(p, moving) for p in args.inverse]:
+        if transform_suffix(path) in (".h5", ".nii", ".nii.gz") and has_shear(
                 img.affine) and args.mode not in ("affine", "rigid"):
             raise InputError(f"{path}: ITK displacement fields cannot live on the sheared "
                              f"voxel grid of {img.get_filename()}; resample it first")
@@ -79,11 +79,11 @@ def register(args: argparse.Namespace) -> None:
                           steps=args.steps, init=init, device=device, outputs=outputs)
     elapsed = time.perf_counter() - start
     with OutputSet() as out:
-        if args.trans:
-            save_transform(out.temp(args.trans), result.forward, source=result.moving,
+        for path in args.trans:
+            save_transform(out.temp(path), result.forward, source=result.moving,
                            reference=result.fixed)
-        if args.inverse:
-            save_transform(out.temp(args.inverse), result.inverse, source=result.fixed,
+        for path in args.inverse:
+            save_transform(out.temp(path), result.inverse, source=result.fixed,
                            reference=result.moving)
         for path, img, chain, grid in ((args.out_moving, moving, result.forward, result.fixed),
                                        (args.out_fixed, fixed, result.inverse, result.moving)):

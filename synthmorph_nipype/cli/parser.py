@@ -63,8 +63,10 @@ def build_parser() -> Parser:
     reg.add_argument("-o", "--out-moving", metavar="MOVED", help="MOVING resampled onto FIXED")
     reg.add_argument("-O", "--out-fixed", metavar="FIXED_MOVED",
                      help="FIXED resampled onto MOVING")
-    reg.add_argument("-t", "--trans", metavar="FWD", help="output transform, MOVING to FIXED")
-    reg.add_argument("-T", "--inverse", metavar="INV", help="output inverse transform")
+    reg.add_argument("-t", "--trans", metavar="FWD", action="append",
+                     help="output transform, MOVING to FIXED; repeat for several formats")
+    reg.add_argument("-T", "--inverse", metavar="INV", action="append",
+                     help="output inverse transform; repeat for several formats")
     reg.add_argument("-H", "--header-only", action="store_true",
                      help="-o/-O by changing the header, no resampling (affine, rigid)")
     reg.add_argument("-i", "--init", metavar="INIT", help="initial affine transform (any format)")
@@ -151,4 +153,6 @@ def parse(argv=None) -> argparse.Namespace:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "apply" and len(args.pairs) % 2:
         parser.exit(2, "synthmorph apply: error: inputs and outputs must come in pairs\n")
+    if args.command == "register":  # -t/-T repeat: one file per format
+        args.trans, args.inverse = args.trans or [], args.inverse or []
     return args
