@@ -55,6 +55,7 @@ def test_register_affine_outputs_read_by_itk_and_nitransforms(affine_outputs, ni
                  "moved_image", "inverse_moved_image"):
         assert Path(getattr(out, name)).is_file(), name
     assert out.forward_transform.endswith(".txt") and out.forward_lta.endswith(".lta")
+    assert out.device == "cpu" and 0 < out.elapsed_s < 120  # parsed from the program
     # SimpleITK resampling through the ITK file = the image our node wrote
     moved = nb.load(out.moved_image).get_fdata()
     assert corr(sitk_resample(nipype_pair["moving"], nipype_pair["fixed"],

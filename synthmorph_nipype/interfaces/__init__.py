@@ -1,5 +1,11 @@
 """Nipype interfaces: SynthMorph registration and resampling nodes, and small helpers."""
 
+import os
+
+# No network at run time: Nipype would otherwise ask a web service for its latest version
+# whenever an interface is created.
+os.environ.setdefault("NIPYPE_NO_ET", "1")
+
 from .registration import (
     SynthMorphApply,
     SynthMorphRegister,

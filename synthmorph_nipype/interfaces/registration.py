@@ -27,6 +27,7 @@ node (``use_gpu=False``) never touches the GPU. On a host without GPUs, MultiPro
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -79,6 +80,7 @@ def synthmorph_command() -> str:
 
 
 AFFINE_MODES = ("affine", "rigid")
+_DONE = re.compile(r"registration done in ([0-9.]+) s on (\S+)")
 
 
 class _SynthMorphInputSpec(CommandLineInputSpec):
@@ -120,6 +122,9 @@ class SynthMorphRegisterOutputSpec(TraitedSpec):
     inverse_lta = File(desc="FIXED to MOVING as FreeSurfer LTA (affine modes only)")
     moved_image = File(desc="MOVING resampled onto FIXED")
     inverse_moved_image = File(desc="FIXED resampled onto MOVING")
+    elapsed_s = traits.Float(desc="registration time reported by synthmorph (no start-up, "
+                             "no I/O)")
+    device = traits.Str(desc="where the networks ran (cpu, cuda)")
 
 
 class SynthMorphRegister(CommandLine):
@@ -165,8 +170,18 @@ class SynthMorphRegister(CommandLine):
             extra.append(f"-O {out['inverse_moved_image']}")
         return args[:-2] + extra + args[-2:]
 
+    def _run_interface(self, runtime, correct_return_codes=(0,)):
+        runtime = super()._run_interface(runtime, correct_return_codes)
+        found = _DONE.search(runtime.stdout or "")
+        self._report = (float(found.group(1)), found.group(2)) if found else None
+        return runtime
+
     def _list_outputs(self):
-        return self._outputs_named()
+        out = self._outputs_named()
+        report = getattr(self, "_report", None)
+        if report:
+            out["elapsed_s"], out["device"] = report
+        return out
 
 
 class SynthMorphApplyInputSpec(CommandLineInputSpec):

@@ -88,6 +88,7 @@ def _from_nilearn(spec: dict, outdir: Path) -> Template:
     res = _res(spec)
     if res not in (1, 2):
         raise InputError(f"{NILEARN_TEMPLATE}: nilearn ships resolutions 1 and 2, not {res}")
+    outdir.mkdir(parents=True, exist_ok=True)
     stem = outdir / f"tpl-{NILEARN_TEMPLATE}_res-{res:02d}"
     t1w, mask = Path(f"{stem}_T1w.nii.gz"), Path(f"{stem}_desc-brain_mask.nii.gz")
     if not t1w.is_file():

@@ -1,0 +1,175 @@
+"""What a ``synthmorph-bids`` run processes: the dataset index (pybids), the participants
+and sessions asked for, and the anatomical images of each.
+
+Every refusal is a :class:`BIDSAppError` with its own exit code, so scripts can tell a
+wrong path from an empty selection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOGGER = logging.getLogger("synthmorph_bids")
+
+#: exit codes of ``synthmorph-bids`` (2 is argparse's usage error)
+EXIT = {
+    "not_bids": 3,
+    "no_participants": 4,
+    "missing_participant": 5,
+    "no_anatomy": 6,
+    "output_inside_input": 7,
+    "unwritable_output": 8,
+    "bad_filter": 9,
+    "workflow_failed": 10,
+    "bad_template": 11,
+    "no_weights": 12,
+}
+ANAT_CONTRASTS = ("T1w", "T2w", "FLAIR", "PDw", "T2starw", "inplaneT1", "inplaneT2")
+
+
+class BIDSAppError(Exception):
+    """A refusal: one line for the user, and the exit code that names its kind."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.code = EXIT[kind]
+
+
+@dataclass
+class Unit:
+    """One subject (and session) to process: its reference image and the other contrasts."""
+
+    subject: str
+    session: str | None
+    reference: str  # path of the reference-contrast image (T1w when present)
+    reference_contrast: str
+    others: dict[str, str] = field(default_factory=dict)  # contrast -> path
+
+    @property
+    def entities(self) -> dict[str, str]:
+        ent = {"subject": self.subject}
+        if self.session:
+            ent["session"] = self.session
+        return ent
+
+    @property
+    def label(self) -> str:
+        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
+
+
+def strip_prefix(label: str, prefix: str) -> str:
+    """``sub-01`` and ``01`` both name participant ``01``."""
+    return label[len(prefix):] if label.startswith(prefix) else label
+
+
+def read_filters(path: str | None) -> dict:
+    """The ``--bids-filter-file`` (fMRIPrep's format: ``{"t1w": {...}, "t2w": {...}}``,
+    keys are lower-case contrasts)."""
+    if not path:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise BIDSAppError(f"{path}: not a readable JSON filter file ({err})",
+                           "bad_filter") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise BIDSAppError(f"{path}: filters must map a contrast to a dict of entities",
+                           "bad_filter")
+    return {k.lower(): v for k, v in data.items()}
+
+
+def index_dataset(bids_dir: str | Path, *, validate: bool = True,
+                  database: str | Path | None = None):
+    """A pybids layout of ``bids_dir`` (derivatives not indexed)."""
+    from bids import BIDSLayout
+    from bids.exceptions import BIDSValidationError
+
+    root = Path(bids_dir)
+    if not root.is_dir():
+        raise BIDSAppError(f"{bids_dir}: no such directory", "not_bids")
+    if not (root / "dataset_description.json").is_file():
+        raise BIDSAppError(f"{bids_dir}: not a BIDS dataset (no dataset_description.json)",
+                           "not_bids")
+    try:
+        return BIDSLayout(str(root), validate=validate, derivatives=False,
+                          database_path=str(database) if database else None)
+    except (BIDSValidationError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BIDSAppError(f"{bids_dir}: not a valid BIDS dataset ({first})",
+                           "not_bids") from None
+
+
+def select_units(layout, *, participants=None, sessions=None,
+                 contrasts=("T1w", "T2w", "FLAIR", "PDw"), filters=None) -> list[Unit]:
+    """The (subject, session) units to process, each with its anatomical images.
+
+    A requested participant absent from the dataset is an error; a subject without any
+    image of ``contrasts`` is skipped with a warning, and an error only when none is left.
+    """
+    filters = filters or {}
+    present = sorted(layout.get_subjects())
+    wanted = [strip_prefix(p, "sub-") for p in participants] if participants else present
+    missing = [p for p in wanted if p not in present]
+    if missing:
+        raise BIDSAppError(f"{layout.root}: participant(s) not found: "
+                           f"{', '.join('sub-' + m for m in missing)}", "missing_participant")
+    if not wanted:
+        raise BIDSAppError(f"{layout.root}: no participants in the dataset", "no_participants")
+    want_ses = [strip_prefix(s, "ses-") for s in sessions] if sessions else None
+    units, skipped = [], []
+    for subject in wanted:
+        ses_list = layout.get_sessions(subject=subject) or [None]
+        if want_ses is not None:
+            ses_list = [s for s in ses_list if s in want_ses]
+        for session in ses_list:
+            found = {}
+            for contrast in contrasts:
+                query = {"subject": subject, "datatype": "anat", "suffix": contrast,
+                         "extension": [".nii", ".nii.gz"], "return_type": "file",
+                         **({"session": session} if session else {}),
+                         **filters.get(contrast.lower(), {})}
+                files = sorted(layout.get(**query))
+                if files:
+                    if len(files) > 1:
+                        LOGGER.warning("sub-%s: %d %s images, using %s", subject, len(files),
+                                       contrast, Path(files[0]).name)
+                    found[contrast] = files[0]
+            label = f"sub-{subject}" + (f"_ses-{session}" if session else "")
+            if not found:
+                skipped.append(label)
+                continue
+            ref = "T1w" if "T1w" in found else next(c for c in contrasts if c in found)
+            units.append(Unit(subject, session, found.pop(ref), ref, found))
+    for label in skipped:
+        LOGGER.warning("%s: no usable anatomical image (%s), skipped", label,
+                       "/".join(contrasts))
+    if not units:
+        kind = "no_anatomy" if skipped else "no_participants"
+        what = "no usable anatomical images" if skipped else "no participants match"
+        raise BIDSAppError(f"{layout.root}: {what} ({', '.join(skipped) or 'selection'})",
+                           kind)
+    return units
+
+
+def check_output_dir(bids_dir: str | Path, output_dir: str | Path) -> Path:
+    """The output directory (resolved, not created): refused inside the input dataset
+    (except under its ``derivatives/``) and when it cannot be written."""
+    import os
+
+    bids = Path(bids_dir).resolve()
+    out = Path(output_dir).resolve()
+    if out == bids or (bids in out.parents and not
+                       (bids / "derivatives" == out or bids / "derivatives" in out.parents)):
+        raise BIDSAppError(f"{output_dir}: output directory inside the input dataset "
+                           "(use a folder outside it, or its derivatives/)",
+                           "output_inside_input")
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise BIDSAppError(f"{output_dir}: output directory is not writable "
+                           f"({probe} is not a writable folder)", "unwritable_output")
+    return out

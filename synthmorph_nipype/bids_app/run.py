@@ -1,0 +1,121 @@
+"""What each analysis level does, given parsed arguments."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from .. import __version__
+from ..errors import SynthMorphError
+from .derivatives import sha256, write_dataset_description
+from .inputs import BIDSAppError, check_output_dir, index_dataset, read_filters, select_units
+
+LOGGER = logging.getLogger("synthmorph_bids")
+
+
+def _weights_info(mode: str, weights: list[str] | None) -> tuple[list[str], dict]:
+    """The weight files a run uses (found now, so every node uses the same) and what the
+    sidecars say of them."""
+    from ..engine.weights import find_weights
+
+    try:
+        files = [str(f) for f in find_weights(mode, weights)]
+    except SynthMorphError as err:
+        raise BIDSAppError(str(err), "no_weights") from None
+    for f in files:
+        if not Path(f).is_file():
+            raise BIDSAppError(f"{f}: weights file not found", "no_weights")
+    return files, {"Model": [Path(f).name for f in files],
+                   "ModelSHA256": [sha256(f)[:16] for f in files]}
+
+
+def _omp(args) -> int:
+    return args.omp_nthreads or max(1, min(8, args.nprocs - 1))
+
+
+def run_participant(args) -> int:
+    from ..io.templates import resolve_template
+    from .cli import plugin_settings
+    from .workflow import init_synthmorph_bids_wf
+
+    # every check before anything is written
+    layout = index_dataset(args.bids_dir, validate=not args.skip_bids_validation)
+    output_dir = check_output_dir(args.bids_dir, args.output_dir)
+    units = select_units(layout, participants=args.participant_label,
+                         sessions=args.session_label, contrasts=args.contrasts,
+                         filters=read_filters(args.bids_filter_file))
+    plugin, plugin_args = plugin_settings(args)
+    weights, info = _weights_info(args.mode, args.weights)
+    work = Path(args.work_dir).resolve()
+    try:
+        template = resolve_template(args.template, work / "templates")
+    except SynthMorphError as err:
+        raise BIDSAppError(str(err), "bad_template") from None
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BIDSAppError(f"{args.output_dir}: cannot create the output directory "
+                           f"({err.strerror})", "unwritable_output") from None
+    write_dataset_description(output_dir, args.bids_dir)
+    wf = init_synthmorph_bids_wf(
+        units=units, template=template, output_dir=output_dir, bids_dir=args.bids_dir,
+        mode=args.mode, regularization=args.regularization, weights=weights,
+        weights_info=info, use_gpu=args.use_gpu, omp_nthreads=_omp(args),
+        extent=args.extent)
+    wf.base_dir = str(work)
+    crashdir = output_dir / "logs"
+    wf.config["execution"].update({
+        "crashdump_dir": str(crashdir), "crashfile_format": "txt",
+        "stop_on_first_crash": args.stop_on_first_crash})
+    if plugin in ("SLURM", "SLURMGraph") and "LOGNAME" not in os.environ:
+        os.environ["LOGNAME"] = os.environ.get("USER", "synthmorph")
+    LOGGER.info("%d unit(s): %s; template %s (%s); %s on %s", len(units),
+                ", ".join(u.label for u in units), template.name, template.source,
+                args.mode, plugin)
+    start = time.monotonic()
+    try:
+        wf.run(plugin=plugin, plugin_args=plugin_args)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "a node failed"
+        raise BIDSAppError(f"{first} (crash files in {crashdir})", "workflow_failed") from None
+    LOGGER.info("participant level done in %.1f s; reports: %s", time.monotonic() - start,
+                ", ".join(str(output_dir / f"{u.label}.html") for u in units))
+    return 0
+
+
+def run_group(args) -> int:
+    from .reports import write_group_report
+
+    out = Path(args.output_dir)
+    if not (out / "dataset_description.json").is_file():
+        raise BIDSAppError(f"{args.output_dir}: no participant-level results here "
+                           "(run the participant level first)", "no_participants")
+    tsv, page, n_out = write_group_report(out, __version__)
+    LOGGER.info("group report: %s (%s); %d outlier(s)", page, tsv.name, n_out)
+    return 0
+
+
+def run_demo(args) -> int:
+    from .cli import parse
+    from .demo import make_demo_dataset
+
+    root = Path(args.demo).resolve()
+    bids = make_demo_dataset(root / "bids")
+    out, work = root / "derivatives", root / "work"
+    common = ["--work-dir", str(work), "--nprocs", str(args.nprocs), "--extent",
+              str(args.extent)]
+    if args.omp_nthreads:
+        common += ["--omp-nthreads", str(args.omp_nthreads)]
+    if args.weights:
+        common += ["--weights", *args.weights]
+    if args.mode != "joint":
+        common += ["--mode", args.mode]
+    code = run_participant(parse([str(bids), str(out), "participant", *common]))
+    if code == 0:
+        code = run_group(parse([str(bids), str(out), "group"]))
+    if code == 0:
+        print(f"synthmorph-bids demo: reports in {out} (open {out / 'group_report.html'} "
+              f"and {out}/sub-*.html)")
+    return code
