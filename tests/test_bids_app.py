@@ -115,13 +115,19 @@ def test_reports_and_group_summary(participant_run, demo_bids):
     assert "group summary" in (out / "group_report.html").read_text()
 
 
-def test_rerun_reuses_the_work_directory(participant_run, demo_bids, tiny_weights):
+def test_rerun_reuses_the_work_directory(participant_run, demo_bids, tiny_weights, tmp_path):
     out, work = participant_run
     files = [p for p in out.rglob("*") if p.is_file() and "_xfm" in p.name]
     stamps = {p: p.stat().st_mtime_ns for p in files}
+    plugin = tmp_path / "plugin.yml"  # --use-plugin, here the Linear plugin
+    plugin.write_text("plugin: Linear\nplugin_args: {}\n")
     assert main([str(demo_bids), str(out), "participant", "-w", str(work),
-                 *common(tiny_weights["joint"])]) == 0
+                 "--use-plugin", str(plugin), *common(tiny_weights["joint"])]) == 0
     assert {p: p.stat().st_mtime_ns for p in files} == stamps
+    plugin.write_text("plugin_args: {n_procs: 2}\n")
+    code = main([str(demo_bids), str(out), "participant", "-w", str(work),
+                 "--use-plugin", str(plugin), *common(tiny_weights["joint"])])
+    assert code == EXIT["bad_filter"]
 
 
 def _code(argv, capsys) -> tuple[int, str]:
