@@ -3,6 +3,7 @@ learn, resumable deterministic runs, and the synth/train commands."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import nibabel as nb
@@ -335,6 +336,34 @@ def test_training_fields_are_the_engines_half_resolution_fields():
     # the full-resolution map the engine writes at x is twice the field at x / 2
     full = torch.as_tensor(out.out_1)[10, 12, 14]
     assert torch.allclose(full, 2 * d1[5, 6, 7], atol=1e-3)
+
+
+def test_pooled_detector_trained_at_4mm_is_the_engines_affine(tmp_path):
+    """A detector trained on a 4 mm grid and exported with ``prepool=2`` gives the engine
+    the same map: 4 mm voxel ``k`` is 2 mm voxel ``2 k + 0.5``, full-resolution ``4 k + 1.5``."""
+    from synthmorph_nipype.engine.network import run_affine
+    from synthmorph_nipype.models.checkpoint import load_checkpoint
+    from synthmorph_nipype.training.tasks import Pair
+
+    config = tiny_config("affine", grid=16, voxel_mm=4.0, widths={**TINY["affine"],
+                                                                  "enc_nf": [8, 8, 8]})
+    trainer = Trainer(config, tmp_path / "run", log=io.StringIO())
+    full_1 = _fixed_pair(grid=64, shift_mm=6.0, warp_std_mm=0.0).image_1[0, 0]
+    full_2 = _fixed_pair(grid=64, seed=1, warp_std_mm=0.0).image_1[0, 0]
+    pooled = [torch.nn.functional.avg_pool3d(f[::2, ::2, ::2][None, None], 2)
+              for f in (full_1, full_2)]
+    empty = torch.zeros(1, 2, 16, 16, 16)
+    with torch.no_grad():
+        quarter = trainer.task.matrix(Pair(*pooled, empty, empty)).numpy()
+    exported = load_checkpoint(trainer.export())["affine"].eval()
+    assert exported.config.prepool == 2
+    out = run_affine(exported, full_1, full_2).out_1
+    scale = np.diag([4.0, 4.0, 4.0, 1.0])
+    scale[:3, 3] = 1.5
+    assert np.abs(quarter - np.eye(4)).max() > 1e-3
+    assert np.allclose(scale @ quarter @ np.linalg.inv(scale), out, atol=1e-5)
+    with pytest.raises(ValueError, match="voxel_mm must be 2 for joint"):
+        tiny_config("joint", voxel_mm=4.0)
 
 
 def test_training_matrix_is_the_engines_affine():

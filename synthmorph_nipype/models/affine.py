@@ -28,6 +28,9 @@ class AffineConfig:
     num_chan: int = 1
     rigid: bool = False
     half_res: bool = True
+    # average-pool the (half-resolution) input by this factor before the encoder: the
+    # embedded detector was trained on a 4 mm grid and sees the engine's 2 mm grid pooled
+    prepool: int = 1
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -76,6 +79,8 @@ class AffineDetector(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Feature maps ``(N, num_feat, ...)`` of a channels-first batch ``x``."""
+        if self.config.prepool > 1:
+            x = F.avg_pool3d(x, self.config.prepool)
         skips = []
         for conv in self.enc:
             x = leaky(conv(x))
@@ -94,7 +99,9 @@ class AffineDetector(nn.Module):
 
         With ``half_res`` (default: the config's) the inputs are subsampled
         ``x[::2, ::2, ::2]`` first. The returned ``matrix`` maps centred fixed-network
-        coordinates to moving ones, in voxels of the given input size.
+        coordinates to moving ones, in voxels of the given input size (a ``prepool``
+        changes nothing there: barycentres are in units of the grid extent, and pooled
+        voxel ``k`` is centred on input voxel ``p k + (p - 1) / 2``).
         """
         shape = torch.tensor(inp_1.shape[2:], dtype=torch.float64)
         if self.config.half_res if half_res is None else half_res:

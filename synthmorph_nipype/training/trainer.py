@@ -21,6 +21,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 
 from ..engine.register import pick_device, set_threads
 from ..io.atomic import OutputSet
+from ..models.affine import AffineDetector
 from ..models.checkpoint import load_checkpoint, save_checkpoint
 from ..synthesis.generator import SynthConfig, sample_pair
 from .config import TrainConfig
@@ -218,7 +220,13 @@ class Trainer:
     def export(self, path: Path | None = None, extra: dict | None = None) -> Path:
         """Write the trained network in the package's model format (``model.pt``)."""
         path = path or self.outdir / "model.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
         parts = self.task.export()
+        pool = self.config.prepool()
+        if pool > 1 and "affine" in parts:  # the same weights, pooling the 2 mm input
+            trained = parts["affine"]
+            parts["affine"] = AffineDetector(replace(trained.config, prepool=pool))
+            parts["affine"].load_state_dict(trained.state_dict())
         if self.config.model == "joint" and self.config.affine_weights:
             parts["affine"] = load_checkpoint(self.config.affine_weights)["affine"]
         meta = {"trained_steps": self.step, "date": datetime.now(timezone.utc).date().isoformat(),
