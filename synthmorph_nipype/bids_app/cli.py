@@ -106,7 +106,13 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    log = logging.getLogger("synthmorph_bids")  # ours only: Nipype logs on its own
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
     os.environ.setdefault("NIPYPE_NO_ET", "1")
     from .run import run_demo, run_group, run_participant
 
