@@ -768,3 +768,25 @@ def test_official_layer_channels():
     assert chans[9:12] == [(256, 256)] * 3
     assert chans[12] == (256, 3)
     assert all(o == 256 for _, o in chans[:12])
+
+
+def test_pooled_unet_field_convention():
+    """A U-Net run on the input pooled by 2 returns its field upsampled to the input grid in
+    input voxels: pooled voxel ``k`` sits at input voxel ``2 k + 0.5``, so a field ``a k``
+    (pooled voxels) becomes ``a (j - 0.5)`` (input voxels) inside the grid."""
+    from synthmorph_nipype.models.joint import unet_forward
+
+    a = 0.3
+    seen = []
+
+    def field(t):  # stands in for the network: a displacement linear in the first index
+        seen.append(t.shape)
+        k = torch.arange(t.shape[2], dtype=t.dtype)[:, None, None].expand(t.shape[2:])
+        return torch.stack([a * k, torch.zeros_like(k), torch.ones_like(k)])[None]
+
+    x = torch.rand(1, 2, 16, 16, 16)
+    out = unet_forward(x, [field], 0, prepool=2)
+    assert seen == [torch.Size([1, 2, 8, 8, 8])] and out.shape == (1, 3, 16, 16, 16)
+    j = torch.arange(16, dtype=out.dtype)
+    assert torch.allclose(out[0, 0, 1:-1, 5, 5], a * (j[1:-1] - 0.5), atol=1e-6)
+    assert torch.allclose(out[0, 2], torch.full_like(out[0, 2], 2.0))  # 1 pooled voxel = 2

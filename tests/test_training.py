@@ -362,8 +362,10 @@ def test_pooled_detector_trained_at_4mm_is_the_engines_affine(tmp_path):
     scale[:3, 3] = 1.5
     assert np.abs(quarter - np.eye(4)).max() > 1e-3
     assert np.allclose(scale @ quarter @ np.linalg.inv(scale), out, atol=1e-5)
-    with pytest.raises(ValueError, match="voxel_mm must be 2 for joint"):
-        tiny_config("joint", voxel_mm=4.0)
+    with pytest.raises(ValueError, match="voxel_mm must be 2 or 4"):
+        tiny_config("joint", voxel_mm=3.0)
+    joint = Trainer(tiny_config("joint", voxel_mm=4.0), tmp_path / "joint", log=io.StringIO())
+    assert load_checkpoint(joint.export())["deform"].config.prepool == 2
 
 
 def test_training_matrix_is_the_engines_affine():

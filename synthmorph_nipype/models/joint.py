@@ -28,6 +28,9 @@ class UNetConfig:
     dec_nf: tuple[int, ...] = (256,) * 4
     add_nf: tuple[int, ...] = (256,) * 4
     num_chan: int = 1
+    # run on the input average-pooled by this factor and upsample the velocity field back
+    # (in input voxels): a U-Net trained on a 4 mm grid serves the engine's 2 mm grid
+    prepool: int = 1
 
     def __post_init__(self):
         if len(self.enc_nf) != len(self.dec_nf):
@@ -57,10 +60,19 @@ class UNetConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def unet_forward(x: torch.Tensor, convs: Sequence[Callable], levels: int) -> torch.Tensor:
+def unet_forward(x: torch.Tensor, convs: Sequence[Callable], levels: int,
+                 prepool: int = 1) -> torch.Tensor:
     """The U-Net topology: ``levels`` x (conv, LeakyReLU, max-pool), ``levels`` x (conv,
     LeakyReLU, nearest upsampling, concat with the skip), extra convs with LeakyReLU and a
-    final conv without activation. The raw input is never a skip connection."""
+    final conv without activation. The raw input is never a skip connection.
+
+    With ``prepool`` > 1 the input is average-pooled by that factor first and the output
+    field upsampled back (trilinear, pooled voxel ``k`` centred on input voxel
+    ``p k + (p - 1) / 2``) and scaled to input voxels."""
+    if prepool > 1:
+        out = unet_forward(F.avg_pool3d(x, prepool), convs, levels)
+        up = F.interpolate(out, scale_factor=prepool, mode="trilinear", align_corners=False)
+        return up * prepool
     skips = []
     for conv in convs[:levels]:
         x = leaky(conv(x))
@@ -84,7 +96,8 @@ class UNet(nn.Module):
         self.convs = nn.ModuleList(conv3(i, o) for i, o in config.layer_channels())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return unet_forward(x, list(self.convs), len(self.config.enc_nf))
+        return unet_forward(x, list(self.convs), len(self.config.enc_nf),
+                            self.config.prepool)
 
 
 class HyperUNet(nn.Module):
@@ -111,7 +124,7 @@ class HyperUNet(nn.Module):
     def forward(self, x: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
         h = self.hyper_features(lam)
         convs = [lambda t, c=c: c(t, h) for c in self.convs]
-        return unet_forward(x, convs, len(self.config.enc_nf))
+        return unet_forward(x, convs, len(self.config.enc_nf), self.config.prepool)
 
     @torch.no_grad()
     def specialize(self, lam: float) -> UNet:

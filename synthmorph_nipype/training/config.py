@@ -76,11 +76,9 @@ class TrainConfig:
             raise ValueError("steps must be >= 0 and grid a multiple of 16")
         if self.crop is not None and not (16 <= self.crop <= self.grid and self.crop % 16 == 0):
             raise ValueError("crop must be a multiple of 16 no larger than grid")
-        allowed = (2.0,) if self.model == "joint" else (2.0, 4.0)
-        if self.voxel_mm not in allowed:
-            raise ValueError(f"voxel_mm must be {' or '.join(f'{v:g}' for v in allowed)} for "
-                             f"{self.model} models (the engine's networks see a 2 mm grid"
-                             f"{'; detectors may pool it to 4 mm' if len(allowed) > 1 else ''})")
+        if self.voxel_mm not in (2.0, 4.0):
+            raise ValueError("voxel_mm must be 2 or 4 (the engine's networks see a 2 mm grid, "
+                             "which a model trained at 4 mm pools)")
         self.widths = {**DEFAULT_WIDTHS[self.model], **self.widths}
         self.synth_config()  # validate early
         self.model_config()
@@ -107,7 +105,7 @@ class TrainConfig:
 
     def prepool(self) -> int:
         """Pooling of the engine's 2 mm network grid down to the training grid, which the
-        exported detector applies to its input."""
+        exported networks apply to their input."""
         return int(round(self.voxel_mm / 2.0))
 
     def to_dict(self) -> dict:

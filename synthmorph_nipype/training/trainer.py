@@ -30,7 +30,6 @@ import torch
 
 from ..engine.register import pick_device, set_threads
 from ..io.atomic import OutputSet
-from ..models.affine import AffineDetector
 from ..models.checkpoint import load_checkpoint, save_checkpoint
 from ..synthesis.generator import SynthConfig, sample_pair
 from .config import TrainConfig
@@ -223,10 +222,11 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         parts = self.task.export()
         pool = self.config.prepool()
-        if pool > 1 and "affine" in parts:  # the same weights, pooling the 2 mm input
-            trained = parts["affine"]
-            parts["affine"] = AffineDetector(replace(trained.config, prepool=pool))
-            parts["affine"].load_state_dict(trained.state_dict())
+        if pool > 1:  # the same weights, pooling the engine's 2 mm input
+            for key, trained in list(parts.items()):
+                pooled = type(trained)(replace(trained.config, prepool=pool))
+                pooled.load_state_dict(trained.state_dict())
+                parts[key] = pooled
         if self.config.model == "joint" and self.config.affine_weights:
             parts["affine"] = load_checkpoint(self.config.affine_weights)["affine"]
         meta = {"trained_steps": self.step, "date": datetime.now(timezone.utc).date().isoformat(),
