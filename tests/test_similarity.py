@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from synthmorph_nipype.training.similarity import (
+from synthmorph_nipype.ops.similarity import (
     IMAGE_SIMILARITIES,
     image_mse,
     local_ncc,

@@ -40,6 +40,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
                                   f"write the {args.mode} transform as .h5 or .nii.gz")
     if args.header_only and args.mode not in ("affine", "rigid"):
         raise SynthMorphError("-H (header only) needs an affine or rigid mode")
+    if args.refine and args.mode in ("affine", "rigid"):
+        raise SynthMorphError("--refine applies to the deformable modes (joint, deform)")
 
 
 def _header_only(img, chain, command: str):
@@ -76,7 +78,9 @@ def register(args: argparse.Namespace) -> None:
                                               ("inverse", args.inverse or args.out_fixed))
                     if wanted)
     result = run_register(moving, fixed, models, mode=args.mode, extent=args.extent,
-                          steps=args.steps, init=init, device=device, outputs=outputs)
+                          steps=args.steps, init=init, device=device, outputs=outputs,
+                          refine=args.refine, lam=args.lam,
+                          similarity=args.refine_similarity)
     elapsed = time.perf_counter() - start
     with OutputSet() as out:
         for path in args.trans:
@@ -92,6 +96,10 @@ def register(args: argparse.Namespace) -> None:
                     img, chain, grid)
                 save_image(moved, out.temp(path))
     print(f"synthmorph register: {args.mode} registration done in {elapsed:.1f} s on {device}")
+    if args.refine:
+        losses = result.info["refine_loss"]
+        print(f"synthmorph register: refinement ({args.refine_similarity}) loss "
+              f"{losses[0]:.4f} -> {losses[-1]:.4f} in {args.refine} steps")
 
 
 def apply(args: argparse.Namespace) -> None:

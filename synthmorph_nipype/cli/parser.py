@@ -80,6 +80,12 @@ def build_parser() -> Parser:
                      help="model weights, .h5 (FreeSurfer/Keras) or .pt; repeatable")
     reg.add_argument("-j", "--threads", type=_positive, metavar="N",
                      help="CPU threads (default: all cores)")
+    reg.add_argument("--refine", type=_non_negative, default=0, metavar="N",
+                     help="deformable modes: optimise the predicted field on the pair for N "
+                     "steps (test-time refinement; default: 0)")
+    reg.add_argument("--refine-similarity", default="ncc", choices=("ncc", "mse", "mind"),
+                     help="image similarity of the refinement: local NCC (default), MSE, or "
+                     "MIND across contrasts")
     dev = reg.add_mutually_exclusive_group()
     dev.add_argument("-g", "--gpu", action="store_true",
                      help="run on the GPU (CUDA); by default it is used when present")

@@ -18,6 +18,7 @@ from ..models.joint import UNet
 from ..ops.grid import affine_points, voxel_grid
 from ..ops.integrate import integrate_svf
 from ..ops.sampling import sample_linear
+from .refine import refine_svf
 
 HALF = np.diag([2.0, 2.0, 2.0, 1.0])  # half-resolution index -> full-resolution index
 
@@ -76,9 +77,13 @@ def _full_res(half_tot: torch.Tensor, extent: int) -> torch.Tensor:
 
 @torch.no_grad()
 def run_deformable(unet: UNet, inp_1: torch.Tensor, inp_2: torch.Tensor, *, steps: int = 7,
-                   detector: AffineDetector | None = None, keep: bool = False) -> NetworkOutput:
+                   detector: AffineDetector | None = None, keep: bool = False,
+                   refine: int = 0, lam: float = 0.5, similarity: str = "ncc"
+                   ) -> NetworkOutput:
     """Deformable (``detector=None``: the inputs are already affinely aligned) or joint
-    registration, with the deformable step in the affine mid-space."""
+    registration, with the deformable step in the affine mid-space. ``refine`` > 0
+    optimises the network's SVF on the pair for that many steps (see
+    :func:`~synthmorph_nipype.engine.refine.refine_svf`)."""
     extent = inp_1.shape[0]
     half = extent // 2
     stages: dict = {}
@@ -98,10 +103,14 @@ def run_deformable(unet: UNet, inp_1: torch.Tensor, inp_2: torch.Tensor, *, step
         def_1 = sample_linear(inp_1, affine_points(half_aff_1, grid, device=inp_1.device))
         def_2 = sample_linear(inp_2, affine_points(half_aff_2, grid, device=inp_2.device))
     svf = _svf(unet, def_1, def_2)
+    if refine > 0:
+        svf, history = refine_svf(svf, def_1, def_2, iterations=refine, lam=lam,
+                                  similarity=similarity, steps=steps)
+        stages["refine_loss"] = history
     disp_1, disp_2 = integrate_svf(svf, steps), integrate_svf(-svf, steps)
     tot_1, tot_2 = _half_total(disp_1, half_aff_1), _half_total(disp_2, half_aff_2)
     if keep:
-        stages = {"half_aff_1": half_aff_1, "half_aff_2": half_aff_2, "def_inp_1": def_1,
+        stages |= {"half_aff_1": half_aff_1, "half_aff_2": half_aff_2, "def_inp_1": def_1,
                   "def_inp_2": def_2, "svf_1": svf, "half_def_1": disp_1, "half_def_2": disp_2,
                   "half_tot_1": tot_1, "half_tot_2": tot_2}
     del disp_1, disp_2, svf

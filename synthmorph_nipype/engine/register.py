@@ -60,7 +60,8 @@ def set_threads(threads: int | None) -> None:
 def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int = 256,
              steps: int = 7, init: Transform | None = None,
              device: torch.device | str = "cpu",
-             outputs: tuple[str, ...] = ("forward", "inverse")) -> Registration:
+             outputs: tuple[str, ...] = ("forward", "inverse"), refine: int = 0,
+             lam: float = 0.5, similarity: str = "ncc") -> Registration:
     """Register ``moving`` to ``fixed`` (nibabel images, any orientation and voxel size).
 
     Parameters
@@ -77,6 +78,10 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
     device : where the networks run.
     outputs : which of ``forward`` and ``inverse`` to build (the other is ``None``); a
         deformable direction nobody asked for costs its own world-space field.
+    refine, lam, similarity : test-time refinement of the deformable step: that many
+        optimisation steps of ``(1 - lam) * similarity + lam * Grad-l2`` on the pair
+        (``similarity``: ``ncc``, ``mse`` or ``mind``); 0 (default) keeps the network's
+        field.
     """
     if mode not in MODES:
         raise SynthMorphError(f"unknown mode {mode!r}, choose from {', '.join(MODES)}")
@@ -105,7 +110,10 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
         bw = world_matrix(out.out_2, fix_net2ras, mov_ras2net)
         return Registration(mode, mov, fix, Chain([Affine(fw)]), Chain([Affine(bw)]), info)
     detector = models.affine if mode == "joint" else None
-    out = run_deformable(models.deform, inp_1, inp_2, steps=steps, detector=detector)
+    out = run_deformable(models.deform, inp_1, inp_2, steps=steps, detector=detector,
+                         refine=refine, lam=lam, similarity=similarity)
+    if refine:
+        info["refine_loss"] = out.stages["refine_loss"]
     del inp_1, inp_2
     affine = Affine(world_matrix(out.affine_1, mov_net2ras, fix_ras2net))
     if mode == "deform":

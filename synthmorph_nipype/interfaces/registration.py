@@ -106,6 +106,10 @@ class SynthMorphRegisterInputSpec(_SynthMorphInputSpec):
     weights = InputMultiObject(File(exists=True), argstr="-w %s...",
                                desc="model weights (.pt or FreeSurfer .h5); default: the "
                                "installed/embedded models")
+    refine = traits.Range(low=0, argstr="--refine %d",
+                          desc="test-time refinement steps of the deformable field")
+    refine_similarity = traits.Enum("ncc", "mse", "mind", argstr="--refine-similarity %s",
+                                    desc="image similarity of the refinement")
     write_moved = traits.Bool(True, usedefault=True, desc="write MOVING resampled on FIXED")
     write_inverse_moved = traits.Bool(False, usedefault=True,
                                       desc="write FIXED resampled on MOVING")

@@ -9,6 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..ops.regularity import grad_l2
+
+__all__ = ["grad_l2", "hyper_loss", "label_mse", "one_hot", "soft_dice"]
+
 
 def one_hot(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
     """``(B, X, Y, Z)`` integer labels -> ``(B, L, X, Y, Z)`` float one-hot maps.
@@ -42,20 +46,6 @@ def soft_dice(moved: torch.Tensor, fixed: torch.Tensor, eps: float = 1e-6) -> to
     total = moved.sum(dims) + fixed.sum(dims)
     dice = (2 * inter + eps) / (total + eps)
     return dice[:, 1:].mean()
-
-
-def grad_l2(disp: torch.Tensor) -> torch.Tensor:
-    """Mean squared forward difference of a displacement ``(B, 3, X, Y, Z)`` over the three
-    axes (VoxelMorph's ``Grad('l2')``): 0 for any translation.
-
-    >>> float(grad_l2(torch.ones(1, 3, 4, 4, 4)))
-    0.0
-    >>> x = torch.arange(4.0).reshape(1, 1, 4, 1, 1).expand(1, 3, 4, 4, 4)
-    >>> float(grad_l2(x))  # unit slope along the first axis only
-    0.3333333432674408
-    """
-    diffs = [disp.diff(dim=d) for d in (2, 3, 4)]
-    return sum(d.pow(2).mean() for d in diffs) / 3
 
 
 def hyper_loss(moved: torch.Tensor, fixed: torch.Tensor, disp: torch.Tensor,

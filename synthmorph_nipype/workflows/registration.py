@@ -35,6 +35,8 @@ def init_synthmorph_wf(
     extent: int = 256,
     regularization: float = 0.5,
     weights: Sequence[str] | None = None,
+    refine: int = 0,
+    refine_similarity: str = "ncc",
     name: str = "synthmorph_wf",
 ) -> pe.Workflow:
     """Register a moving image to a fixed one with SynthMorph.
@@ -68,6 +70,10 @@ def init_synthmorph_wf(
         Regularization weight lambda in (0, 1) of the deformable step.
     weights : list of :obj:`str`, optional
         Model files (``-w``); by default the installed or embedded models.
+    refine : :obj:`int`
+        Test-time refinement steps of the deformable node (0: the network's field).
+    refine_similarity : :obj:`str`
+        ``ncc``, ``mse`` or ``mind`` (across contrasts), for ``refine``.
     name : :obj:`str`
         Workflow name.
 
@@ -127,6 +133,9 @@ def init_synthmorph_wf(
         last = affine_reg
     if mode in ("joint", "deform"):
         deform_reg = registration_node("deform", name="deform_reg", **common)
+        if refine:
+            deform_reg.inputs.refine = refine
+            deform_reg.inputs.refine_similarity = refine_similarity
         workflow.connect([
             (mask_moving, deform_reg, [("out_file", "moving_image")]),
             (inputnode, deform_reg, [("fixed_image", "fixed_image")]),

@@ -1,10 +1,10 @@
 """Image similarity objectives (VoxelMorph-style training and test-time refinement).
 
-Unlike the label objectives of :mod:`.losses`, these compare intensities, so they train
-on a user's own images. Each takes channels-first batches ``(B, 1, X, Y, Z)`` and returns a
-scalar *loss* (lower is better): local normalised cross-correlation for one contrast, MSE
-for intensity-matched images, and MIND (modality-independent neighbourhood descriptors)
-across contrasts.
+Unlike the label objectives of :mod:`synthmorph_nipype.training.losses`, these compare
+intensities, so they work on a user's own images. Each takes channels-first batches
+``(B, 1, X, Y, Z)`` and returns a scalar *loss* (lower is better): local normalised
+cross-correlation for one contrast, MSE for intensity-matched images, and MIND
+(modality-independent neighbourhood descriptors) across contrasts.
 """
 
 from __future__ import annotations
