@@ -45,7 +45,7 @@ def demo_bids(tmp_path_factory) -> Path:
 
 def common(weights) -> list[str]:
     return ["--weights", str(weights), "--extent", "192", "--nprocs", "2",
-            "--omp-nthreads", "1", "--template", f"{TPL}:res-2"]
+            "--omp-nthreads", "1", "--template", f"{TPL}:res-2", "--refine", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,7 @@ def test_derivatives_are_found_as_fmriprep_looks_for_them(participant_run, demo_
         assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.99
         side = json.loads(Path(fwd.replace(".h5", ".json")).read_text())
         assert side["Mode"] == "joint" and side["Regularization"] == 0.5
+        assert side["Refinement"] == {"Steps": 2, "Similarity": "ncc"}
         assert side["Sources"] == [f"bids:raw:sub-{subject}/anat/sub-{subject}_T1w.nii.gz"]
         assert side["Model"] == ["joint.pt"] and len(side["ModelSHA256"][0]) == 16
 

@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network extent (default: 256)")
     r.add_argument("--weights", nargs="+", metavar="FILE",
                    help="model weights (default: the installed or embedded models)")
+    r.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="test-time refinement steps of the deformation (default: 0)")
+    r.add_argument("--refine-similarity", default="ncc", choices=("ncc", "mse", "mind"),
+                   help="image similarity of the refinement (default: ncc)")
     r.add_argument("--use-gpu", action="store_true",
                    help="registration nodes are GPU nodes (CUDA when present)")
     e = p.add_argument_group("execution")

@@ -63,7 +63,7 @@ def run_participant(args) -> int:
         units=units, template=template, output_dir=output_dir, bids_dir=args.bids_dir,
         mode=args.mode, regularization=args.regularization, weights=weights,
         weights_info=info, use_gpu=args.use_gpu, omp_nthreads=_omp(args),
-        extent=args.extent)
+        extent=args.extent, refine=args.refine, refine_similarity=args.refine_similarity)
     wf.base_dir = str(work)
     crashdir = output_dir / "logs"
     wf.config["execution"].update({
