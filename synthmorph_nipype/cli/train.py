@@ -53,7 +53,12 @@ def train(args: argparse.Namespace) -> None:
     """Train (or resume), then export ``model.pt``."""
     cfg = read_config(args.config, model=args.model, steps=args.steps, seed=args.seed,
                       device=args.device, threads=args.threads,
-                      affine_weights=args.affine_weights)
+                      affine_weights=args.affine_weights, objective=args.objective,
+                      images=args.images, init_weights=args.init_weights,
+                      similarity=args.similarity)
+    for path in (cfg.init_weights, cfg.images):
+        if path and not Path(path).exists():
+            raise SynthMorphError(f"{path}: not found")
     if cfg.model == "joint" and cfg.affine_weights and not Path(cfg.affine_weights).is_file():
         raise SynthMorphError(f"{cfg.affine_weights}: affine weights not found (train the "
                               "affine model first, or leave --affine-weights out)")
@@ -61,8 +66,8 @@ def train(args: argparse.Namespace) -> None:
     if args.restart:
         for name in ("checkpoint.pt", "train.csv", "val.csv", "log.jsonl"):
             (out / name).unlink(missing_ok=True)
-    trainer = Trainer(cfg, out)
     try:
+        trainer = Trainer(cfg, out)
         resumed = trainer.resume()
     except ValueError as err:
         raise SynthMorphError(str(err)) from None

@@ -76,6 +76,31 @@ def _full_res(half_tot: torch.Tensor, extent: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def deformable_inputs(inp_1: torch.Tensor, inp_2: torch.Tensor,
+                      detector: AffineDetector | None = None):
+    """The half-resolution inputs of the deformable network: both images resampled into
+    the affine mid-space the detector finds (or simply subsampled without a detector).
+
+    Returns ``def_1, def_2`` and the maps ``half_aff_1, half_aff_2`` from their grids to
+    full-resolution network indices, and ``affine_1``, the affine part of the fixed ->
+    moving map in full-resolution indices.
+    """
+    half = inp_1.shape[0] // 2
+    if detector is None:
+        return inp_1[::2, ::2, ::2], inp_2[::2, ::2, ::2], HALF, HALF, np.eye(4)
+    res = detector(_batch(inp_1[::2, ::2, ::2]), _batch(inp_2[::2, ::2, ::2]), half_res=False)
+    mat = res.matrix
+    mid_1 = centred_to_index(sqrtm(mat), half)[0].cpu().numpy()
+    mid_2 = centred_to_index(sqrtm(torch.linalg.inv(mat)), half)[0].cpu().numpy()
+    half_aff_1, half_aff_2 = HALF @ mid_1, HALF @ mid_2
+    affine_1 = HALF @ centred_to_index(mat, half)[0].cpu().numpy() @ np.linalg.inv(HALF)
+    grid = (half,) * 3
+    def_1 = sample_linear(inp_1, affine_points(half_aff_1, grid, device=inp_1.device))
+    def_2 = sample_linear(inp_2, affine_points(half_aff_2, grid, device=inp_2.device))
+    return def_1, def_2, half_aff_1, half_aff_2, affine_1
+
+
+@torch.no_grad()
 def run_deformable(unet: UNet, inp_1: torch.Tensor, inp_2: torch.Tensor, *, steps: int = 7,
                    detector: AffineDetector | None = None, keep: bool = False,
                    refine: int = 0, lam: float = 0.5, similarity: str = "ncc"
@@ -85,23 +110,8 @@ def run_deformable(unet: UNet, inp_1: torch.Tensor, inp_2: torch.Tensor, *, step
     optimises the network's SVF on the pair for that many steps (see
     :func:`~synthmorph_nipype.engine.refine.refine_svf`)."""
     extent = inp_1.shape[0]
-    half = extent // 2
     stages: dict = {}
-    if detector is None:
-        half_aff_1 = half_aff_2 = HALF
-        affine_1 = np.eye(4)
-        def_1, def_2 = inp_1[::2, ::2, ::2], inp_2[::2, ::2, ::2]
-    else:
-        res = detector(_batch(inp_1[::2, ::2, ::2]), _batch(inp_2[::2, ::2, ::2]),
-                       half_res=False)
-        mat = res.matrix
-        mid_1 = centred_to_index(sqrtm(mat), half)[0].cpu().numpy()
-        mid_2 = centred_to_index(sqrtm(torch.linalg.inv(mat)), half)[0].cpu().numpy()
-        half_aff_1, half_aff_2 = HALF @ mid_1, HALF @ mid_2
-        affine_1 = HALF @ centred_to_index(mat, half)[0].cpu().numpy() @ np.linalg.inv(HALF)
-        grid = (half,) * 3
-        def_1 = sample_linear(inp_1, affine_points(half_aff_1, grid, device=inp_1.device))
-        def_2 = sample_linear(inp_2, affine_points(half_aff_2, grid, device=inp_2.device))
+    def_1, def_2, half_aff_1, half_aff_2, affine_1 = deformable_inputs(inp_1, inp_2, detector)
     svf = _svf(unet, def_1, def_2)
     if refine > 0:
         svf, history = refine_svf(svf, def_1, def_2, iterations=refine, lam=lam,
@@ -111,7 +121,7 @@ def run_deformable(unet: UNet, inp_1: torch.Tensor, inp_2: torch.Tensor, *, step
     tot_1, tot_2 = _half_total(disp_1, half_aff_1), _half_total(disp_2, half_aff_2)
     if keep:
         stages |= {"half_aff_1": half_aff_1, "half_aff_2": half_aff_2, "def_inp_1": def_1,
-                  "def_inp_2": def_2, "svf_1": svf, "half_def_1": disp_1, "half_def_2": disp_2,
-                  "half_tot_1": tot_1, "half_tot_2": tot_2}
+                   "def_inp_2": def_2, "svf_1": svf, "half_def_1": disp_1,
+                   "half_def_2": disp_2, "half_tot_1": tot_1, "half_tot_2": tot_2}
     del disp_1, disp_2, svf
     return NetworkOutput(_full_res(tot_1, extent), _full_res(tot_2, extent), affine_1, stages)

@@ -26,6 +26,7 @@ from ..ops.grid import apply_affine, voxel_grid
 from ..ops.integrate import integrate_svf
 from ..ops.jacobian import folding_percent
 from ..ops.sampling import sample_linear
+from ..ops.similarity import IMAGE_SIMILARITIES
 from .losses import grad_l2, label_mse, soft_dice
 
 
@@ -197,10 +198,14 @@ class DeformTask(Task):
         return ((warp_onehot(pair.onehot_1, (grid + d1)[sub]), pair.onehot_2[(..., *sub)]),
                 (warp_onehot(pair.onehot_2, (grid + d2)[sub]), pair.onehot_1[(..., *sub)]))
 
+    def _compared(self, pair: Pair, d1: torch.Tensor, d2: torch.Tensor):
+        """What the similarity compares: (moved, fixed) both ways."""
+        return self._moved(pair, d1, d2, self.stride)
+
     def loss(self, pair, generator, autocast=nullcontext):
         lam = float(torch.rand((), generator=generator))
         d1, d2 = self.fields(pair, lam, autocast)
-        (m1, f1), (m2, f2) = self._moved(pair, d1, d2, self.stride)
+        (m1, f1), (m2, f2) = self._compared(pair, d1, d2)
         sim = 0.5 * (self.similarity(m1, f1) + self.similarity(m2, f2))
         reg = 0.5 * (self.regularizer(d1.permute(3, 0, 1, 2)[None])
                      + self.regularizer(d2.permute(3, 0, 1, 2)[None]))
@@ -219,5 +224,34 @@ class DeformTask(Task):
         return {"deform": self.model}
 
 
+class ImageTask(DeformTask):
+    """VoxelMorph-style: the hyper U-Net on a user's image pairs (already in their affine
+    mid-space), ``(1 - lambda) * image dissimilarity + lambda * regularizer``, both ways."""
+
+    name = "images"
+
+    def __init__(self, config: UNetConfig, similarity: str = "ncc",
+                 regularizer: str = "grad_l2", steps: int = 7):
+        super().__init__(config, regularizer=regularizer, steps=steps)
+        if similarity not in IMAGE_SIMILARITIES:
+            raise ValueError(f"unknown image similarity {similarity!r}, choose from "
+                             f"{', '.join(IMAGE_SIMILARITIES)}")
+        self.similarity = IMAGE_SIMILARITIES[similarity]
+
+    def _compared(self, pair: Pair, d1: torch.Tensor, d2: torch.Tensor):
+        grid = voxel_grid(d1.shape[:3], dtype=d1.dtype, device=d1.device)
+        m1 = sample_linear(pair.image_1[0, 0], grid + d1)[None, None]
+        m2 = sample_linear(pair.image_2[0, 0], grid + d2)[None, None]
+        return (m1, pair.image_2.float()), (m2, pair.image_1.float())
+
+    @torch.no_grad()
+    def evaluate(self, pair, lam: float = 0.5):
+        d1, d2 = self.fields(pair, lam)
+        (m1, f1), _ = self._compared(pair, d1, d2)
+        return {"similarity": float(self.similarity(m1, f1)),
+                "similarity_before": float(self.similarity(pair.image_1, pair.image_2)),
+                "folding_pct": folding_percent(d1)}
+
+
 TASKS: dict[str, Callable[..., Task]] = {"affine": AffineTask, "rigid": AffineTask,
-                                         "joint": DeformTask}
+                                         "joint": DeformTask, "images": ImageTask}

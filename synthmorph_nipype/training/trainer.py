@@ -31,9 +31,11 @@ import torch
 from ..engine.register import pick_device, set_threads
 from ..io.atomic import OutputSet
 from ..models.checkpoint import load_checkpoint, save_checkpoint
+from ..models.joint import HyperUNet
 from ..synthesis.generator import SynthConfig, sample_pair
 from .config import TrainConfig
 from .data import LabelSource
+from .images import ImagePairs, image_files
 from .losses import one_hot
 from .tasks import TASKS, Pair, Task
 
@@ -151,12 +153,28 @@ class Trainer:
         kwargs = {"similarity": config.similarity}
         if config.model == "joint":
             kwargs.update(regularizer=config.regularizer, steps=config.int_steps)
+        self.detector = self.images = None
+        task_name, model_config, init = config.model, config.model_config(), None
+        if config.objective == "images":
+            task_name = "images"
+            if config.init_weights:
+                init = load_checkpoint(config.init_weights)
+                if not isinstance(init["deform"], HyperUNet):
+                    raise ValueError(f"{config.init_weights}: holds no hypernetwork U-Net to "
+                                     "fine-tune")
+                model_config = init["deform"].config
+                if init["affine"] is not None:
+                    self.detector = init["affine"].to(self.device).eval()
         with torch.random.fork_rng(devices=[]):  # the seed fixes the initial weights too
             torch.manual_seed(config.seed)
-            self.task: Task = TASKS[config.model](config.model_config(), **kwargs)
+            self.task: Task = TASKS[task_name](model_config, **kwargs)
+        if init is not None:
+            self.task.model.load_state_dict(init["deform"].state_dict())
         self.task.model.to(self.device)
+        if config.objective == "images":
+            self.images = ImagePairs(image_files(config.images), config.extent, self.device)
         self.optimizer = torch.optim.Adam(self.task.model.parameters(), lr=config.lr)
-        self.source = label_source(config)
+        self.source = label_source(config) if config.objective == "synthetic" else None
         self.synth = config.synth_config()
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
@@ -197,6 +215,13 @@ class Trainer:
         self.step = int(state["step"])
         return True
 
+    def _draw(self, generator: torch.Generator, synth: SynthConfig, same: bool) -> Pair:
+        """A training pair: synthetic, or two of the user's images in their mid-space."""
+        if self.images is not None:
+            img_1, img_2 = self.images.pair(generator, self.detector)
+            return Pair(img_1, img_2, None, None)
+        return make_pair(self.source, synth, generator, self.device, same)
+
     # -- validation -------------------------------------------------------------------
     def validation_pairs(self) -> list[Pair]:
         """A fixed set of pairs (its own seed, independent of the training draws)."""
@@ -205,8 +230,7 @@ class Trainer:
             synth = self.synth
             if self.config.model != "joint":  # affine truth needs pairs without warps
                 synth = synth.replace(warp_std_mm=0.0)
-            self._val = [make_pair(self.source, synth, gen, self.device)
-                         for _ in range(self.config.val_pairs)]
+            self._val = [self._draw(gen, synth, False) for _ in range(self.config.val_pairs)]
         return self._val
 
     def validate(self) -> dict[str, float]:
@@ -227,6 +251,8 @@ class Trainer:
                 pooled = type(trained)(replace(trained.config, prepool=pool))
                 pooled.load_state_dict(trained.state_dict())
                 parts[key] = pooled
+        if self.detector is not None and not self.config.affine_weights:
+            parts["affine"] = self.detector  # fine-tuned models keep their detector
         if self.config.model == "joint" and self.config.affine_weights:
             parts["affine"] = load_checkpoint(self.config.affine_weights)["affine"]
         meta = {"trained_steps": self.step, "date": datetime.now(timezone.utc).date().isoformat(),
@@ -251,8 +277,8 @@ class Trainer:
             t0 = time.monotonic()
             synth, p_same = cfg.synth_at(self.step)
             same = bool(torch.rand((), generator=self.generator) < p_same) if p_same else False
-            pair = make_pair(self.source, synth, self.generator, self.device, same)
-            if cfg.crop and cfg.crop < cfg.grid:
+            pair = self._draw(self.generator, synth, same)
+            if cfg.crop and cfg.crop < cfg.grid and self.images is None:
                 pair = crop_pair(pair, cfg.crop, self.generator)
             try:
                 loss, terms = self.task.loss(pair, self.generator, self.autocast)
