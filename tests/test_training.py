@@ -387,3 +387,20 @@ def test_training_matrix_is_the_engines_affine():
     scale[:3, 3] = 0.5
     assert np.abs(half - np.eye(4)).max() > 1e-3
     assert np.allclose(scale @ half @ np.linalg.inv(scale), out, atol=1e-5)
+
+
+def test_checkpoints_from_before_new_settings_still_resume(tmp_path):
+    """A checkpoint written before a setting existed resumes as if it had its default."""
+    first = Trainer(tiny_config("affine", steps=2), tmp_path / "run", log=io.StringIO())
+    first.run(progress=False)
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    for key in ("objective", "images", "init_weights", "extent"):
+        state["config"].pop(key)
+    torch.save(state, path)
+    again = Trainer(tiny_config("affine", steps=4), tmp_path / "run", log=io.StringIO())
+    assert again.resume() and again.step == 2
+    other = Trainer(tiny_config("affine", steps=4, lr=0.5), tmp_path / "run",
+                    log=io.StringIO())
+    with pytest.raises(ValueError, match="made with other settings \\(lr\\)"):
+        other.resume()

@@ -21,7 +21,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import MISSING, fields, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -203,7 +203,11 @@ class Trainer:
                              f"({err.__class__.__name__}); use --restart") from None
         if not isinstance(state, dict) or state.get("format") != STATE:
             raise ValueError(f"{path}: not a synthmorph training checkpoint")
-        saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE}
+        # settings added since the checkpoint was written count as their defaults
+        defaults = {f.name: f.default for f in fields(TrainConfig)
+                    if f.default is not MISSING}
+        saved = {k: v for k, v in {**defaults, **state["config"]}.items()
+                 if k not in RESUMABLE}
         mine = {k: v for k, v in self.config.to_dict().items() if k not in RESUMABLE}
         if saved != mine:
             diff = sorted(k for k in mine if saved.get(k) != mine[k])
