@@ -94,7 +94,10 @@ fi
 if [[ $changed == 1 ]]; then
     pkill -x slurmd || true
     pkill -x slurmctld || true
-    sleep 1
+    for _ in $(seq 30); do  # wait until they are gone, or the new slurm.conf is not read
+        pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || break
+        sleep 1
+    done
 fi
 if ! pgrep -x slurmctld >/dev/null; then
     log "starting slurmctld"

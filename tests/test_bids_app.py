@@ -62,6 +62,7 @@ def test_derivatives_are_found_as_fmriprep_looks_for_them(participant_run, demo_
     out, _ = participant_run
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"]
+    assert desc["DatasetLinks"]["raw"] == demo_bids.resolve().as_uri()
     assert "*_xfm.*" in (out / ".bidsignore").read_text()
     layout = BIDSLayout(str(out), config=["bids", "derivatives"], validate=False)
     for subject in ("01", "02"):
@@ -118,17 +119,23 @@ def test_reports_and_group_summary(participant_run, demo_bids):
 
 def test_rerun_reuses_the_work_directory(participant_run, demo_bids, tiny_weights, tmp_path):
     out, work = participant_run
-    files = [p for p in out.rglob("*") if p.is_file() and "_xfm" in p.name]
-    stamps = {p: p.stat().st_mtime_ns for p in files}
+    registered = [p for p in work.rglob("*_reg/*_xfm.*")]
+    stamps = {p: p.stat().st_mtime_ns for p in registered}
+    derivatives = {p: p.read_bytes() for p in out.rglob("*_xfm.*")}
+    removed = next(p for p in derivatives if p.name.endswith(".h5"))
+    removed.unlink()  # a rerun with the same work directory restores it, registering nothing
     plugin = tmp_path / "plugin.yml"  # --use-plugin, here the Linear plugin
     plugin.write_text("plugin: Linear\nplugin_args: {}\n")
     assert main([str(demo_bids), str(out), "participant", "-w", str(work),
                  "--use-plugin", str(plugin), *common(tiny_weights["joint"])]) == 0
-    assert {p: p.stat().st_mtime_ns for p in files} == stamps
-    plugin.write_text("plugin_args: {n_procs: 2}\n")
-    code = main([str(demo_bids), str(out), "participant", "-w", str(work),
-                 "--use-plugin", str(plugin), *common(tiny_weights["joint"])])
-    assert code == EXIT["bad_filter"]
+    assert registered and {p: p.stat().st_mtime_ns for p in registered} == stamps
+    assert {p: p.read_bytes() for p in derivatives} == derivatives
+    for text, kind in (("plugin_args: {n_procs: 2}\n", "bad_filter"),
+                       ("plugin: NoSuchPlugin\n", "bad_filter")):
+        plugin.write_text(text)
+        code = main([str(demo_bids), str(out), "participant", "-w", str(work),
+                     "--use-plugin", str(plugin), *common(tiny_weights["joint"])])
+        assert code == EXIT[kind]
 
 
 def _code(argv, capsys) -> tuple[int, str]:
@@ -144,6 +151,8 @@ def test_refusals_have_their_own_exit_codes(demo_bids, tiny_weights, tmp_path, c
     empty.mkdir()
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
+    bad_filter = tmp_path / "filter.json"
+    bad_filter.write_text(json.dumps({"t1w": {"nonsense_entity": "x"}}))
     cases = [
         ([empty, out, "participant", *w], "not_bids", "not a BIDS dataset"),
         ([demo_bids, out, "participant", "--participant-label", "sub-07", *w],
@@ -156,6 +165,8 @@ def test_refusals_have_their_own_exit_codes(demo_bids, tiny_weights, tmp_path, c
          "not writable"),
         ([demo_bids, out, "participant", "--bids-filter-file", demo_bids / "README", *w],
          "bad_filter", "filter file"),
+        ([demo_bids, out, "participant", "--bids-filter-file", bad_filter, *w], "bad_filter",
+         "bids filter for T1w"),
         ([demo_bids, out, "participant", *w, "--template", "NoSuchTemplate"], "bad_template",
          "not available offline"),
         ([demo_bids, out, "participant", "--weights", tmp_path / "none.pt"], "no_weights",

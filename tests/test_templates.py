@@ -45,6 +45,9 @@ def test_templateflow_home_is_used_when_it_holds_the_template(template, tmp_path
 def test_image_paths_and_bad_specifications(template, tmp_path):
     tpl = resolve_template(str(template), tmp_path)
     assert tpl.source == "file" and tpl.name == "template"
+    odd = tmp_path / "MNI152_T1_1mm-brain.nii.gz"  # its name becomes a BIDS label
+    shutil.copy(template, odd)
+    assert resolve_template(str(odd), tmp_path).name == "MNI152T11mmbrain"
     with pytest.raises(InputError, match="template image not found"):
         resolve_template(str(tmp_path / "missing.nii.gz"), tmp_path)
     with pytest.raises(InputError, match="not entity-value"):

@@ -88,4 +88,6 @@ def test_image_lists_need_two_images(image_dir, tmp_path):
         image_files(one)
     with pytest.raises(ValueError, match="needs images"):
         TrainConfig(model="joint", objective="images")
+    with pytest.raises(ValueError, match="2 mm grid"):
+        TrainConfig(model="joint", objective="images", images="x", voxel_mm=4.0)
     torch.manual_seed(0)

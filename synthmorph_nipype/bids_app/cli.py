@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .. import __version__
-from ..cli.parser import _positive
+from ..cli.parser import _non_negative, _positive
 from ..cli.parser import _unit_interval as _lam
 from ..io.templates import DEFAULT_TEMPLATE
 from .inputs import EXIT, BIDSAppError
@@ -73,14 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network extent (default: 256)")
     r.add_argument("--weights", nargs="+", metavar="FILE",
                    help="model weights (default: the installed or embedded models)")
-    r.add_argument("--refine", type=int, default=0, metavar="N",
+    r.add_argument("--refine", type=_non_negative, default=0, metavar="N",
                    help="test-time refinement steps of the deformation (default: 0)")
     r.add_argument("--refine-similarity", default="ncc", choices=("ncc", "mse", "mind"),
                    help="image similarity of the refinement (default: ncc)")
     r.add_argument("--use-gpu", action="store_true",
                    help="registration nodes are GPU nodes (CUDA when present)")
     e = p.add_argument_group("execution")
-    e.add_argument("--nprocs", "--nthreads", type=_positive, default=os.cpu_count() or 1,
+    e.add_argument("--nprocs", "--nthreads", type=_positive,
+                   default=len(os.sched_getaffinity(0)),
                    help="processes at once (default: all cores)")
     e.add_argument("--omp-nthreads", type=_positive, help="threads per registration "
                    "(default: min(8, nprocs - 1), at least 1)")
@@ -146,6 +147,11 @@ def plugin_settings(args) -> tuple[str, dict]:
                                "bad_filter") from None
         if not isinstance(data, dict) or "plugin" not in data:
             raise BIDSAppError(f"{args.use_plugin}: needs a 'plugin' key", "bad_filter")
+        from nipype.pipeline import plugins
+
+        if not hasattr(plugins, f"{data['plugin']}Plugin"):
+            raise BIDSAppError(f"{args.use_plugin}: unknown Nipype plugin "
+                               f"{data['plugin']!r}", "bad_filter")
         return str(data["plugin"]), dict(data.get("plugin_args") or {})
     plugin_args = {"n_procs": args.nprocs, "raise_insufficient": False}
     if args.mem:

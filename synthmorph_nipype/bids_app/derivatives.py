@@ -104,16 +104,21 @@ link fails on an existing name) and an existing description is kept."""
             "GeneratedBy": [{"Name": PIPELINE, "Version": __version__,
                              "Description": "SynthMorph registration in PyTorch"}],
         }
-        if bids_dir is not None:
-            content["SourceDatasets"] = [{"URL": Path(bids_dir).resolve().as_uri()}]
+        if bids_dir is not None:  # resolves the sidecars' bids:raw: URIs
+            uri = Path(bids_dir).resolve().as_uri()
+            content["SourceDatasets"] = [{"URL": uri}]
+            content["DatasetLinks"] = {"raw": uri}
         fd, tmp = tempfile.mkstemp(prefix=".dataset_description.", dir=out)
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(content, f, indent=2)
             os.chmod(tmp, 0o644)
-            os.link(tmp, desc)  # atomic, and fails if another run has just made it
-        except FileExistsError:
-            pass
+            try:
+                os.link(tmp, desc)  # atomic, and fails if another run has just made it
+            except FileExistsError:
+                pass
+            except OSError:  # no hard links on this file system: rename (last one wins)
+                os.replace(tmp, desc)
         finally:
             Path(tmp).unlink(missing_ok=True)
     ignore = out / ".bidsignore"
@@ -143,6 +148,7 @@ class DerivativeSink(SimpleInterface):
 
     input_spec = _DerivativeSinkInputSpec
     output_spec = _DerivativeSinkOutputSpec
+    _always_run = True  # a rerun restores derivatives removed from the output folder
 
     def _run_interface(self, runtime):
         ent = dict(self.inputs.entities)

@@ -131,7 +131,11 @@ def select_units(layout, *, participants=None, sessions=None,
                          "extension": [".nii", ".nii.gz"], "return_type": "file",
                          **({"session": session} if session else {}),
                          **filters.get(contrast.lower(), {})}
-                files = sorted(layout.get(**query))
+                try:
+                    files = sorted(layout.get(**query))
+                except (ValueError, TypeError) as err:  # e.g. an unknown entity in a filter
+                    raise BIDSAppError(f"bids filter for {contrast}: {err}",
+                                       "bad_filter") from None
                 if files:
                     if len(files) > 1:
                         LOGGER.warning("sub-%s: %d %s images, using %s", subject, len(files),

@@ -109,6 +109,7 @@ def init_single_unit_wf(*, unit: Unit, template: Template, output_dir, bids_dir,
     ])
     report = pe.Node(niu.Function(function=_report, output_names=["out_report"]),
                      name="report", run_without_submitting=True)
+    report.interface._always_run = True  # like the sinks: a rerun restores the report
     report.inputs.unit_label = unit.label
     report.inputs.info = {
         "participant": unit.subject, "session": unit.session or "n/a", "reference": ref,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,10 +92,15 @@ def _from_nilearn(spec: dict, outdir: Path) -> Template:
     outdir.mkdir(parents=True, exist_ok=True)
     stem = outdir / f"tpl-{NILEARN_TEMPLATE}_res-{res:02d}"
     t1w, mask = Path(f"{stem}_T1w.nii.gz"), Path(f"{stem}_desc-brain_mask.nii.gz")
-    if not t1w.is_file():
-        load_mni152_template(resolution=res).to_filename(t1w)
-    if not mask.is_file():
-        load_mni152_brain_mask(resolution=res).to_filename(mask)
+    for dst, make in ((t1w, load_mni152_template), (mask, load_mni152_brain_mask)):
+        if not dst.is_file():  # written whole under a temporary name: concurrent runs
+            fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".nii.gz", dir=outdir)
+            os.close(fd)
+            try:
+                make(resolution=res).to_filename(tmp)
+                os.replace(tmp, dst)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
     return Template(NILEARN_TEMPLATE, spec, str(t1w.resolve()), str(mask.resolve()), "nilearn")
 
 
@@ -111,6 +117,8 @@ def resolve_template(text: str, outdir: str | os.PathLike = ".") -> Template:
             raise InputError(f"{text}: template image not found")
         stem = path.name.split(".")[0]
         name = stem[4:].split("_")[0] if stem.startswith("tpl-") else stem
+        # a BIDS label: letters and digits only (it becomes to-<name>, space-<name>)
+        name = re.sub(r"[^A-Za-z0-9]", "", name) or "custom"
         return Template(name, {}, str(path.resolve()), None, "file")
     name, spec = split_template(text)
     found = _from_templateflow(name, spec)

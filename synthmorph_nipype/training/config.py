@@ -92,6 +92,8 @@ class TrainConfig:
                 self.similarity = "ncc"
             if self.extent not in (192, 256):
                 raise ValueError(f"extent must be 192 or 256, got {self.extent}")
+            if self.voxel_mm != 2.0:  # pairs come at the engine's half resolution
+                raise ValueError("the images objective trains on the 2 mm grid (voxel_mm 2)")
         if self.voxel_mm not in (2.0, 4.0):
             raise ValueError("voxel_mm must be 2 or 4 (the engine's networks see a 2 mm grid, "
                              "which a model trained at 4 mm pools)")

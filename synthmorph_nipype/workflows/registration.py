@@ -17,11 +17,13 @@ def registration_node(mode: str, *, name: str, use_gpu: bool = False, omp_nthrea
                       extent: int = 256, regularization: float = 0.5,
                       weights: Sequence[str] | None = None, **inputs) -> pe.Node:
     """A :class:`SynthMorphRegister` node with its threads, GPU flag and memory set."""
+    if mode in ("joint", "deform"):  # lambda only enters (and hashes) deformable nodes
+        inputs["regularization"] = regularization
+    official = any(str(w).endswith(".h5") for w in weights or ())  # FreeSurfer's Keras files
     node = pe.Node(
-        SynthMorphRegister(mode=mode, extent=extent, regularization=regularization,
-                           use_gpu=use_gpu, **inputs),
+        SynthMorphRegister(mode=mode, extent=extent, use_gpu=use_gpu, **inputs),
         name=name, n_procs=omp_nthreads,
-        mem_gb=estimate_mem_gb(mode, extent, official=bool(weights)))
+        mem_gb=estimate_mem_gb(mode, extent, official=official))
     if weights:
         node.inputs.weights = list(weights)
     return node
