@@ -4,6 +4,8 @@
 #   docker run --rm --gpus all -v /data/bids:/data:ro -v /data/out:/out \
 #       synthmorph-nipype /data /out participant --use-gpu
 #
+# Until the package ships its embedded models, give weights: mount them and pass
+# --weights /weights/... (or set SYNTHMORPH_WEIGHTS_DIR=/weights).
 # The CUDA runtime comes with the torch wheels from PyPI (a plain `pip install torch`
 # there pulls the CUDA 12 packages); on a host without a GPU the same image runs on the CPU.
 FROM python:3.11-slim-bookworm
