@@ -294,3 +294,42 @@ def test_slurm_plugin_runs_four_registrations(slurm_cluster, nipype_pair, moving
     assert len(jobs) >= 4  # each registration went through sbatch
     with capsys.disabled():
         print(f"\nSLURM: 4 affine registrations in {took:.1f} s")
+
+
+def test_splices_into_a_pipeline_in_place_of_smripreps_workflow(nipype_pair, tmp_path):
+    """niworkflows' splice_workflow swaps a workflow tagged 'anat.register-template' (here a
+    stand-in with sMRIPrep's fields) for ours; the pipeline then runs our registration."""
+    from nipype.interfaces import utility as niu
+    from niworkflows.engine.splicer import splice_workflow
+
+    standin = pe.Workflow(name="register_template_wf")
+    standin._tag = "anat.register-template"
+    s_in = pe.Node(niu.IdentityInterface(fields=INPUT_FIELDS), name="inputnode")
+    s_in.iterables = ("template", ["MNI152NLin2009aSym:res-2"])
+    s_pout = pe.Node(niu.IdentityInterface(fields=OUTPUT_FIELDS), name="poutputnode")
+    s_out = pe.JoinNode(niu.IdentityInterface(fields=OUTPUT_FIELDS), name="outputnode",
+                        joinsource="inputnode")
+    standin.connect([(s_in, s_pout, [("moving_image", "anat2std_xfm"),
+                                     ("moving_image", "std2anat_xfm"),
+                                     ("template", "template")]),
+                     (s_pout, s_out, [(f, f) for f in OUTPUT_FIELDS])])
+    parent = pe.Workflow(name="anat_wf", base_dir=str(tmp_path))
+    source = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="source")
+    source.inputs.t1w = str(nipype_pair["moving"])
+    collect = pe.Node(niu.Function(function=_collect, output_names=["xfms", "templates"]),
+                      name="collect")  # a real node: identity nodes leave the run graph
+    parent.connect([(source, standin, [("t1w", "inputnode.moving_image")]),
+                    (standin, collect, [("outputnode.anat2std_xfm", "xfms"),
+                                        ("outputnode.template", "templates")])])
+    ours = init_register_template_wf(templates=["MNI152NLin2009aSym:res-2"], mode="affine",
+                                     extent=192, weights=[str(nipype_pair["weights"])])
+    splice_workflow(parent, {"anat.register-template": ours})
+    res = parent.run()
+    out = next(n for n in res.nodes() if n.name == "collect").result.outputs
+    assert out.templates == ["MNI152NLin2009aSym"]
+    assert len(out.xfms) == 1 and out.xfms[0].endswith("fwd_xfm.txt")
+    assert np.allclose(nt.linear.load(out.xfms[0], fmt="itk").matrix[3], [0, 0, 0, 1])
+
+
+def _collect(xfms, templates):
+    return xfms, templates
