@@ -13,7 +13,8 @@ def test_site_folder_and_rigid_fallback(tiny_weights, tmp_path, monkeypatch):
     site = tmp_path / "site"
     site.mkdir()
     monkeypatch.setenv("SYNTHMORPH_WEIGHTS_DIR", str(site))
-    with pytest.raises(WeightsError, match="no SynthMorph weights installed for mode 'rigid'"):
+    with pytest.raises(WeightsError, match="no SynthMorph weights installed for mode 'rigid'.*"
+                                           "SYNTHMORPH_WEIGHTS_DIR"):
         find_weights("rigid")
     (site / "synthmorph_nipype.affine.pt").write_bytes(tiny_weights["affine"].read_bytes())
     files = find_weights("rigid")

@@ -68,8 +68,9 @@ def find_weights(mode: str, weights: list[str] | None = None) -> list[Path]:
             return [folder / name]
     raise WeightsError(
         f"no SynthMorph weights installed for mode '{mode}': pass them with -w FILE "
-        f"(e.g. {' -w '.join(OFFICIAL[mode])} from FreeSurfer) or set FREESURFER_HOME "
-        "to a FreeSurfer installation that has them in models/")
+        f"(e.g. {' -w '.join(OFFICIAL[mode])} from FreeSurfer), set FREESURFER_HOME "
+        "to a FreeSurfer installation that has them in models/, or SYNTHMORPH_WEIGHTS_DIR "
+        "to a folder of them")
 
 
 def load_models(mode: str, files: list[Path], *, lam: float = 0.5) -> Models:
