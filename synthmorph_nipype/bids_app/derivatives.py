@@ -25,6 +25,7 @@ from nipype.interfaces.base import (
 )
 
 from .. import __version__
+from ..io.atomic import OutputSet
 
 PATTERNS = [
     "sub-{subject}[/ses-{session}]/{datatype<anat|figures>|anat}/sub-{subject}[_ses-{session}]"
@@ -53,31 +54,17 @@ def derivative_path(entities: dict) -> str:
 
 
 def atomic_copy(src: str | os.PathLike, dst: Path) -> None:
-    """Copy to a temporary name beside ``dst``, then rename: a reader never sees half a
-    file, and an interrupted copy leaves no file under the final name."""
+    """Copy under a temporary name beside ``dst``, then rename (the project's
+    :class:`~synthmorph_nipype.io.atomic.OutputSet`): a reader never sees half a file."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with OutputSet() as out:
+        shutil.copyfile(src, out.temp(dst))
 
 
 def atomic_write_text(dst: Path, text: str) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with OutputSet() as out:
+        out.temp(dst).write_text(text)
 
 
 def sha256(path: str | os.PathLike) -> str:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
+from .atomic import OutputSet
 
 #: the template name of nilearn's bundled ICBM 2009a nonlinear symmetric average
 NILEARN_TEMPLATE = "MNI152NLin2009aSym"
@@ -94,13 +94,8 @@ def _from_nilearn(spec: dict, outdir: Path) -> Template:
     t1w, mask = Path(f"{stem}_T1w.nii.gz"), Path(f"{stem}_desc-brain_mask.nii.gz")
     for dst, make in ((t1w, load_mni152_template), (mask, load_mni152_brain_mask)):
         if not dst.is_file():  # written whole under a temporary name: concurrent runs
-            fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".nii.gz", dir=outdir)
-            os.close(fd)
-            try:
-                make(resolution=res).to_filename(tmp)
-                os.replace(tmp, dst)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
+            with OutputSet() as out:
+                make(resolution=res).to_filename(out.temp(dst))
     return Template(NILEARN_TEMPLATE, spec, str(t1w.resolve()), str(mask.resolve()), "nilearn")
 
 
