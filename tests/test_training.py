@@ -240,6 +240,24 @@ def test_time_limit_stops_after_one_step_and_resumes(tmp_path):
     assert again.resume() and again.step == 1
 
 
+def test_learning_rate_decay_can_be_added_when_resuming(tmp_path):
+    Trainer(tiny_config("affine", steps=2), tmp_path / "a").run(progress=False)
+    Trainer(tiny_config("affine", steps=2), tmp_path / "b").run(progress=False)
+    const = Trainer(tiny_config("affine", steps=4), tmp_path / "a")
+    decayed = Trainer(tiny_config("affine", steps=4, lr_decay_start=2, lr_final=1e-6),
+                      tmp_path / "b")
+    assert const.resume() and decayed.resume()
+    const.run(progress=False)
+    decayed.run(progress=False)
+    # the last update used the final rate; the decayed run moved less than the constant one
+    assert decayed.optimizer.param_groups[0]["lr"] == pytest.approx(1e-6)
+    assert const.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    a, b = _state(const.task.model), _state(decayed.task.model)
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="lr_decay_start must lie between 0 and steps"):
+        tiny_config("affine", steps=4, lr_decay_start=5)
+
+
 def test_resume_refuses_other_settings(tmp_path):
     Trainer(tiny_config("affine", steps=1), tmp_path).run(progress=False)
     with pytest.raises(ValueError, match="made with other settings \\(lr\\)"):
@@ -254,6 +272,7 @@ def test_resume_refuses_other_settings(tmp_path):
 def test_exported_models_load_in_the_engine(tmp_path):
     aff = Trainer(tiny_config("affine", steps=1), tmp_path / "aff")
     aff.run(progress=False)
+    aff.export(extra={"refine_affine": 7})  # a shipped detector recommends its refinement
     joint = Trainer(tiny_config("joint", steps=1, affine_weights=str(tmp_path / "aff" /
                                                                      "model.pt")),
                     tmp_path / "joint")
@@ -264,6 +283,8 @@ def test_exported_models_load_in_the_engine(tmp_path):
     ref = load_checkpoint(tmp_path / "aff" / "model.pt")["affine"].state_dict()
     assert all(torch.equal(ref[k], v) for k, v in models.affine.state_dict().items())
     assert models.deform is not None
+    assert models.refine_affine == 7 and load_models("affine", [tmp_path / "aff" / "model.pt"]
+                                                     ).refine_affine == 7
 
 
 # ------------------------------------------------------------------------------ commands

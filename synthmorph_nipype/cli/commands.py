@@ -42,6 +42,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
         raise SynthMorphError("-H (header only) needs an affine or rigid mode")
     if args.refine and args.mode in ("affine", "rigid"):
         raise SynthMorphError("--refine applies to the deformable modes (joint, deform)")
+    if args.refine_affine and args.mode == "deform":
+        raise SynthMorphError("--refine-affine applies to the affine, rigid and joint modes")
 
 
 def _header_only(img, chain, command: str):
@@ -80,7 +82,8 @@ def register(args: argparse.Namespace) -> None:
     result = run_register(moving, fixed, models, mode=args.mode, extent=args.extent,
                           steps=args.steps, init=init, device=device, outputs=outputs,
                           refine=args.refine, lam=args.lam,
-                          similarity=args.refine_similarity)
+                          similarity=args.refine_similarity,
+                          refine_affine=args.refine_affine)
     elapsed = time.perf_counter() - start
     with OutputSet() as out:
         for path in args.trans:
@@ -96,6 +99,10 @@ def register(args: argparse.Namespace) -> None:
                     img, chain, grid)
                 save_image(moved, out.temp(path))
     print(f"synthmorph register: {args.mode} registration done in {elapsed:.1f} s on {device}")
+    if "refine_affine_loss" in result.info:
+        losses = result.info["refine_affine_loss"]
+        print(f"synthmorph register: affine refinement (mind) loss {losses[0]:.4f} -> "
+              f"{losses[-1]:.4f} in {result.info['refine_affine']} steps per level")
     if args.refine:
         losses = result.info["refine_loss"]
         print(f"synthmorph register: refinement ({args.refine_similarity}) loss "

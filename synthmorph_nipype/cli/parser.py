@@ -86,6 +86,11 @@ def build_parser() -> Parser:
     reg.add_argument("--refine-similarity", default="ncc", choices=("ncc", "mse", "mind"),
                      help="image similarity of the refinement: local NCC (default), MSE, or "
                      "MIND across contrasts")
+    reg.add_argument("--refine-affine", type=_non_negative, metavar="N",
+                     help="affine, rigid and joint modes: optimise the predicted matrix on "
+                     "the pair for N steps per level (4 mm, then 2 mm) on a MIND similarity; "
+                     "default: what the weights recommend (the embedded models' model card; "
+                     "0 for FreeSurfer's)")
     dev = reg.add_mutually_exclusive_group()
     dev.add_argument("-g", "--gpu", action="store_true",
                      help="run on the GPU (CUDA); by default it is used when present")

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..models.affine import AffineDetector, centred_to_index, sqrtm
+from ..models.affine import AffineDetector, centred_to_index, index_to_centred, sqrtm
 from ..models.joint import UNet
 from ..ops.grid import affine_points, voxel_grid
 from ..ops.integrate import integrate_svf
 from ..ops.sampling import sample_linear
-from .refine import refine_svf
+from .refine import refine_matrix, refine_svf
 
 HALF = np.diag([2.0, 2.0, 2.0, 1.0])  # half-resolution index -> full-resolution index
 
@@ -35,18 +35,32 @@ def _batch(x: torch.Tensor) -> torch.Tensor:
     return x[None, None]
 
 
+def _refined(matrix: np.ndarray, inp_1: torch.Tensor, inp_2: torch.Tensor, rigid: bool,
+             iterations: int, stages: dict) -> np.ndarray:
+    """``matrix`` (full-resolution indices) after test-time refinement, if asked for."""
+    if iterations <= 0:
+        return matrix
+    refined, history = refine_matrix(matrix, inp_1, inp_2, iterations=iterations,
+                                     rigid=rigid)
+    stages["refine_affine_loss"] = history
+    return refined
+
+
 @torch.no_grad()
 def run_affine(detector: AffineDetector, inp_1: torch.Tensor, inp_2: torch.Tensor,
-               keep: bool = False) -> NetworkOutput:
-    """Affine or rigid registration of two conformed images ``(e, e, e)``."""
+               keep: bool = False, refine: int = 0) -> NetworkOutput:
+    """Affine or rigid registration of two conformed images ``(e, e, e)``; ``refine`` > 0
+    optimises the matrix on the pair for that many steps (see
+    :func:`~synthmorph_nipype.engine.refine.refine_matrix`)."""
     extent = inp_1.shape[0]
     res = detector(_batch(inp_1), _batch(inp_2), half_res=True)
+    stages: dict = {}
     out_1 = centred_to_index(res.matrix, extent)[0].cpu().numpy()
+    out_1 = _refined(out_1, inp_1, inp_2, detector.config.rigid, refine, stages)
     out_2 = np.linalg.inv(out_1)
-    stages = {}
     if keep:
-        stages = {"feat_1": res.feat_1, "feat_2": res.feat_2, "cen_1": res.cen_1,
-                  "cen_2": res.cen_2, "chan_weights": res.weights}
+        stages |= {"feat_1": res.feat_1, "feat_2": res.feat_2, "cen_1": res.cen_1,
+                   "cen_2": res.cen_2, "chan_weights": res.weights}
     return NetworkOutput(out_1, out_2, out_1, stages)
 
 
@@ -77,19 +91,27 @@ def _full_res(half_tot: torch.Tensor, extent: int) -> torch.Tensor:
 
 @torch.no_grad()
 def deformable_inputs(inp_1: torch.Tensor, inp_2: torch.Tensor,
-                      detector: AffineDetector | None = None):
+                      detector: AffineDetector | None = None, refine_affine: int = 0,
+                      stages: dict | None = None):
     """The half-resolution inputs of the deformable network: both images resampled into
     the affine mid-space the detector finds (or simply subsampled without a detector).
 
     Returns ``def_1, def_2`` and the maps ``half_aff_1, half_aff_2`` from their grids to
     full-resolution network indices, and ``affine_1``, the affine part of the fixed ->
-    moving map in full-resolution indices.
+    moving map in full-resolution indices (refined on the pair for ``refine_affine``
+    steps, the loss history going to ``stages``).
     """
     half = inp_1.shape[0] // 2
     if detector is None:
         return inp_1[::2, ::2, ::2], inp_2[::2, ::2, ::2], HALF, HALF, np.eye(4)
     res = detector(_batch(inp_1[::2, ::2, ::2]), _batch(inp_2[::2, ::2, ::2]), half_res=False)
     mat = res.matrix
+    if refine_affine > 0:
+        full = HALF @ centred_to_index(mat, half)[0].cpu().numpy() @ np.linalg.inv(HALF)
+        full = _refined(full, inp_1, inp_2, detector.config.rigid, refine_affine,
+                        {} if stages is None else stages)
+        index = torch.as_tensor(np.linalg.inv(HALF) @ full @ HALF, dtype=mat.dtype)
+        mat = index_to_centred(index, half)[None].to(mat.device)
     mid_1 = centred_to_index(sqrtm(mat), half)[0].cpu().numpy()
     mid_2 = centred_to_index(sqrtm(torch.linalg.inv(mat)), half)[0].cpu().numpy()
     half_aff_1, half_aff_2 = HALF @ mid_1, HALF @ mid_2
@@ -103,15 +125,17 @@ def deformable_inputs(inp_1: torch.Tensor, inp_2: torch.Tensor,
 @torch.no_grad()
 def run_deformable(unet: UNet, inp_1: torch.Tensor, inp_2: torch.Tensor, *, steps: int = 7,
                    detector: AffineDetector | None = None, keep: bool = False,
-                   refine: int = 0, lam: float = 0.5, similarity: str = "ncc"
-                   ) -> NetworkOutput:
+                   refine: int = 0, lam: float = 0.5, similarity: str = "ncc",
+                   refine_affine: int = 0) -> NetworkOutput:
     """Deformable (``detector=None``: the inputs are already affinely aligned) or joint
     registration, with the deformable step in the affine mid-space. ``refine`` > 0
     optimises the network's SVF on the pair for that many steps (see
-    :func:`~synthmorph_nipype.engine.refine.refine_svf`)."""
+    :func:`~synthmorph_nipype.engine.refine.refine_svf`), ``refine_affine`` > 0 the
+    detector's matrix first."""
     extent = inp_1.shape[0]
     stages: dict = {}
-    def_1, def_2, half_aff_1, half_aff_2, affine_1 = deformable_inputs(inp_1, inp_2, detector)
+    def_1, def_2, half_aff_1, half_aff_2, affine_1 = deformable_inputs(
+        inp_1, inp_2, detector, refine_affine, stages)
     svf = _svf(unet, def_1, def_2)
     if refine > 0:
         svf, history = refine_svf(svf, def_1, def_2, iterations=refine, lam=lam,

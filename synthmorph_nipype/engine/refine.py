@@ -9,13 +9,15 @@ image 2 and image 2 onto image 1 through the inverse (the negated SVF).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..ops.grid import voxel_grid
 from ..ops.integrate import integrate_svf
 from ..ops.regularity import grad_l2
 from ..ops.sampling import sample_linear
-from ..ops.similarity import IMAGE_SIMILARITIES
+from ..ops.similarity import IMAGE_SIMILARITIES, fixed_similarity
 
 
 def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, *,
@@ -50,3 +52,96 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
             loss.backward()
             opt.step()
     return velocity.detach(), history
+
+
+def _pool_matrix(pool: int) -> np.ndarray:
+    """Pooled index ``k`` -> full-resolution index ``pool * k + (pool - 1) / 2``."""
+    m = np.diag([float(pool)] * 3 + [1.0])
+    m[:3, 3] = (pool - 1) / 2
+    return m
+
+
+def _normalising(shape) -> np.ndarray:
+    """Voxel index -> the ``[-1, 1]`` coordinates of ``grid_sample`` (corners aligned),
+    in which an optimiser step means about the same for translations and the matrix."""
+    n = np.asarray(shape, float) - 1
+    m = np.diag(list(2 / n) + [1.0])
+    m[:3, 3] = -1.0
+    return m
+
+
+FLIP = torch.tensor([2, 1, 0])  # (i, j, k) <-> grid_sample's (x, y, z) = (k, j, i)
+
+
+def _pull(image: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """``image`` (1, 1, X, Y, Z) sampled at ``matrix`` (4x4, normalised (i, j, k)) of each
+    voxel of its own grid; zero outside."""
+    theta = matrix[:3][FLIP][:, torch.cat([FLIP, torch.tensor([3])])]
+    grid = F.affine_grid(theta[None], list(image.shape), align_corners=True)
+    return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=True)
+
+
+def _skew_exp(w: torch.Tensor) -> torch.Tensor:
+    """Rotation matrix ``exp([w]x)`` of an axis-angle vector."""
+    zero = torch.zeros((), dtype=w.dtype, device=w.device)
+    k = torch.stack([torch.stack([zero, -w[2], w[1]]), torch.stack([w[2], zero, -w[0]]),
+                     torch.stack([-w[1], w[0], zero])])
+    return torch.linalg.matrix_exp(k)
+
+
+def _increment(params: torch.Tensor, shift: torch.Tensor, rigid: bool) -> torch.Tensor:
+    """4x4 matrix of the refinement's parameters: a rotation (axis-angle) or identity plus
+    a free 3x3 part, and a translation."""
+    eye = torch.eye(4, dtype=params.dtype, device=params.device)
+    lin = _skew_exp(params) if rigid else eye[:3, :3] + params.view(3, 3)
+    return torch.cat([torch.cat([lin, shift[:, None]], 1), eye[3:]], 0)
+
+
+def refine_matrix(matrix: np.ndarray, image_1: torch.Tensor, image_2: torch.Tensor, *,
+                  iterations: int, similarity: str = "mind", rigid: bool = False,
+                  pools: tuple[int, ...] = (4, 2), lr: float = 0.01
+                  ) -> tuple[np.ndarray, list[float]]:
+    """Refine an affine ``matrix`` (image 2's voxel index -> image 1's voxel index, both
+    images ``(X, Y, Z)`` on one grid) by Adam steps on a symmetric image similarity (image
+    1 pulled onto image 2 through the matrix plus image 2 onto image 1 through its
+    inverse), level by level of ``pools`` (average-pooling factors, coarse to fine):
+    ``iterations`` steps on the coarsest, a quarter as many (and a smaller rate) on each
+    finer one, where a step costs eight times as much.
+    ``rigid`` keeps rotations and translations only (on top of the starting matrix).
+    Returns the refined matrix and the loss before each step.
+    """
+    if similarity not in IMAGE_SIMILARITIES:
+        raise ValueError(f"unknown similarity {similarity!r}, choose from "
+                         f"{', '.join(IMAGE_SIMILARITIES)}")
+    dev, dtype = image_1.device, torch.float32
+    history: list[float] = []
+    current = np.asarray(matrix, float)
+    for level, pool in enumerate(pools):
+        steps = max(1, iterations // 4**level)
+        x1 = F.avg_pool3d(image_1[None, None].float(), pool)
+        x2 = F.avg_pool3d(image_2[None, None].float(), pool)
+        p, c = _pool_matrix(pool), _normalising(x1.shape[2:])
+        # the matrix in centred pooled coordinates; refinement composes an increment after
+        # it (on image 2's side): M' = M D
+        to_c = torch.as_tensor(c @ np.linalg.inv(p), dtype=torch.float64)
+        base = to_c @ torch.as_tensor(current) @ torch.linalg.inv(to_c)
+        base = base.to(dtype=dtype, device=dev)
+        to_2, to_1 = fixed_similarity(similarity, x2), fixed_similarity(similarity, x1)
+        params = torch.zeros(3 if rigid else 9, dtype=dtype, device=dev, requires_grad=True)
+        shift = torch.zeros(3, dtype=dtype, device=dev, requires_grad=True)
+        rate = lr * pool / pools[0]  # finer levels take smaller steps
+        opt = torch.optim.Adam([params, shift], lr=rate)
+
+        with torch.enable_grad():
+            for _ in range(steps):
+                m = base @ _increment(params, shift, rigid)
+                loss = 0.5 * (to_2(_pull(x1, m)) + to_1(_pull(x2, torch.linalg.inv(m))))
+                history.append(float(loss.detach()))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            m = (base @ _increment(params, shift, rigid)).double().cpu()
+        current = (torch.linalg.inv(to_c) @ m @ to_c).numpy()
+    return current, history

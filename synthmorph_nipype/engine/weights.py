@@ -39,6 +39,9 @@ class Models:
     affine: AffineDetector | None = None
     deform: UNet | None = None
     sources: tuple[str, ...] = ()
+    # test-time refinement steps of the affine the weights recommend (their checkpoint's
+    # ``refine_affine`` metadata; FreeSurfer's need none)
+    refine_affine: int = 0
 
     def to(self, device) -> Models:
         for m in (self.affine, self.deform):
@@ -78,12 +81,15 @@ def load_models(mode: str, files: list[Path], *, lam: float = 0.5) -> Models:
     want_affine, want_deform = needs(mode)
     rigid = mode == "rigid"
     affine = deform = None
+    refine_affine = 0
     for path in files:
         if not Path(path).is_file():
             raise WeightsError(f"{path}: weights file not found")
         if str(path).endswith((".pt", ".pth")):
             parts = load_checkpoint(path)
             found_affine, found_deform = parts["affine"], parts["deform"]
+            if found_affine is not None and want_affine and affine is None:
+                refine_affine = int(parts["meta"].get("refine_affine", 0))
             if isinstance(found_deform, HyperUNet) and want_deform:
                 found_deform = found_deform.specialize(lam)
         else:
@@ -103,4 +109,4 @@ def load_models(mode: str, files: list[Path], *, lam: float = 0.5) -> Models:
                            f"mode '{mode}' needs one")
     if affine is not None and affine.config.rigid != rigid:
         affine.config = dataclasses.replace(affine.config, rigid=rigid)
-    return Models(affine, deform, tuple(str(f) for f in files))
+    return Models(affine, deform, tuple(str(f) for f in files), refine_affine)

@@ -110,6 +110,9 @@ class SynthMorphRegisterInputSpec(_SynthMorphInputSpec):
                           desc="test-time refinement steps of the deformable field")
     refine_similarity = traits.Enum("ncc", "mse", "mind", argstr="--refine-similarity %s",
                                     desc="image similarity of the refinement")
+    refine_affine = traits.Range(low=0, argstr="--refine-affine %d",
+                                 desc="test-time refinement steps of the affine (unset: "
+                                 "what the weights recommend)")
     write_moved = traits.Bool(True, usedefault=True, desc="write MOVING resampled on FIXED")
     write_inverse_moved = traits.Bool(False, usedefault=True,
                                       desc="write FIXED resampled on MOVING")

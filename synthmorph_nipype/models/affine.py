@@ -174,6 +174,14 @@ def centred_to_index(matrix: torch.Tensor, extent: int) -> torch.Tensor:
     return shift @ matrix @ unshift
 
 
+def index_to_centred(matrix: torch.Tensor, extent: int) -> torch.Tensor:
+    """The inverse of :func:`centred_to_index`."""
+    c = (extent - 1) / 2
+    shift = torch.eye(4, dtype=matrix.dtype, device=matrix.device)
+    shift[:3, 3] = c
+    return torch.linalg.inv(shift) @ matrix @ shift
+
+
 def sqrtm(matrix: torch.Tensor, iterations: int = 30) -> torch.Tensor:
     """Principal square root of a batch of matrices (Denman-Beavers iteration)."""
     y = matrix

@@ -94,3 +94,18 @@ IMAGE_SIMILARITIES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tenso
     "mse": image_mse,
     "mind": mind_loss,
 }
+
+
+def fixed_similarity(name: str, fixed: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The loss ``IMAGE_SIMILARITIES[name](moved, fixed)`` as a function of ``moved`` alone,
+    with what depends on ``fixed`` only (its MIND descriptors) computed once.
+
+    >>> x, y = torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 8)
+    >>> bool(torch.isclose(fixed_similarity("mind", y)(x), mind_loss(x, y)))
+    True
+    """
+    if name == "mind":
+        desc = mind(fixed)
+        return lambda moved: (mind(moved) - desc).abs().mean()
+    sim = IMAGE_SIMILARITIES[name]
+    return lambda moved: sim(moved, fixed)

@@ -7,6 +7,7 @@ a default, so an empty file trains the default model of the chosen kind.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -45,6 +46,10 @@ class TrainConfig:
     widths: dict = field(default_factory=dict)  # model configuration (defaults per model)
     steps: int = 10000
     lr: float = 1e-4
+    # learning-rate decay: from step lr_decay_start the rate falls along a half cosine
+    # to lr_final at the last step (None: constant); both may change when resuming
+    lr_decay_start: int | None = None
+    lr_final: float = 1e-5
     seed: int = 0
     grid: int = 96  # training grid edge in voxels (half-resolution network space)
     crop: int | None = None  # train on random cubes of this edge cut from each pair
@@ -81,6 +86,8 @@ class TrainConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.steps < 0 or self.grid < 16 or self.grid % 16:
             raise ValueError("steps must be >= 0 and grid a multiple of 16")
+        if self.lr_decay_start is not None and not 0 <= self.lr_decay_start <= self.steps:
+            raise ValueError("lr_decay_start must lie between 0 and steps")
         if self.crop is not None and not (16 <= self.crop <= self.grid and self.crop % 16 == 0):
             raise ValueError("crop must be a multiple of 16 no larger than grid")
         if self.objective not in ("synthetic", "images"):
@@ -114,6 +121,20 @@ class TrainConfig:
         t = step / self.warmup_steps
         ramp = {k: t * getattr(target, k) for k in RAMPED}
         return target.replace(**ramp), 1.0 - t
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of update number ``step`` (counting from 1).
+
+        >>> cfg = TrainConfig(model="affine", steps=100, lr=1e-3, lr_decay_start=50,
+        ...                   lr_final=1e-5)
+        >>> cfg.lr_at(10), cfg.lr_at(50), round(cfg.lr_at(75), 6), cfg.lr_at(100)
+        (0.001, 0.001, 0.000505, 1e-05)
+        """
+        start = self.lr_decay_start
+        if start is None or step <= start:
+            return self.lr
+        t = min(1.0, (step - start) / max(1, self.steps - start))
+        return self.lr_final + 0.5 * (self.lr - self.lr_final) * (1 + math.cos(math.pi * t))
 
     def model_config(self) -> AffineConfig | UNetConfig:
         """The network configuration the widths describe."""

@@ -41,7 +41,8 @@ from .tasks import TASKS, Pair, Task
 
 STATE = "synthmorph-nipype-training"
 # settings a resumed run may change (everything else must match the checkpoint)
-RESUMABLE = {"steps", "threads", "device", "val_every", "ckpt_every", "affine_weights"}
+RESUMABLE = {"steps", "threads", "device", "val_every", "ckpt_every", "affine_weights",
+             "lr_decay_start", "lr_final"}
 
 
 def autocast_for(device: torch.device, amp: str | bool):
@@ -257,10 +258,14 @@ class Trainer:
                 parts[key] = pooled
         if self.detector is not None and not self.config.affine_weights:
             parts["affine"] = self.detector  # fine-tuned models keep their detector
-        if self.config.model == "joint" and self.config.affine_weights:
-            parts["affine"] = load_checkpoint(self.config.affine_weights)["affine"]
         meta = {"trained_steps": self.step, "date": datetime.now(timezone.utc).date().isoformat(),
-                "training_config": json.dumps(self.config.to_dict()), **(extra or {})}
+                "training_config": json.dumps(self.config.to_dict())}
+        if self.config.model == "joint" and self.config.affine_weights:
+            bundled = load_checkpoint(self.config.affine_weights)
+            parts["affine"] = bundled["affine"]
+            if "refine_affine" in bundled["meta"]:  # the detector's recommendation travels
+                meta["refine_affine"] = bundled["meta"]["refine_affine"]
+        meta.update(extra or {})
         with OutputSet() as out:
             save_checkpoint(out.temp(path), meta=meta, **parts)
         return path
@@ -295,6 +300,8 @@ class Trainer:
             if not math.isfinite(value):
                 raise FloatingPointError(f"loss is {value} at step {self.step + 1}")
             self.optimizer.zero_grad(set_to_none=True)
+            for group in self.optimizer.param_groups:
+                group["lr"] = cfg.lr_at(self.step + 1)
             loss.backward()
             self.optimizer.step()
             self.step += 1
