@@ -73,8 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network extent (default: 256)")
     r.add_argument("--weights", nargs="+", metavar="FILE",
                    help="model weights (default: the installed or embedded models)")
-    r.add_argument("--refine", type=_non_negative, default=0, metavar="N",
-                   help="test-time refinement steps of the deformation (default: 0)")
+    r.add_argument("--refine", type=_non_negative, metavar="N",
+                   help="test-time refinement steps of the deformation (default: what the "
+                   "weights recommend)")
+    r.add_argument("--refine-affine", type=_non_negative, metavar="N",
+                   help="test-time refinement steps of the affine (default: what the weights "
+                   "recommend)")
     r.add_argument("--refine-similarity", default="ncc", choices=("ncc", "mse", "mind"),
                    help="image similarity of the refinement (default: ncc)")
     r.add_argument("--use-gpu", action="store_true",

@@ -15,20 +15,18 @@ from .inputs import BIDSAppError, check_output_dir, index_dataset, read_filters,
 LOGGER = logging.getLogger("synthmorph_bids")
 
 
-def _weights_info(mode: str, weights: list[str] | None) -> tuple[list[str], dict]:
-    """The weight files a run uses (found now, so every node uses the same) and what the
-    sidecars say of them."""
-    from ..engine.weights import find_weights
+def _weights_info(mode: str, weights: list[str] | None) -> tuple[list[str], dict, object]:
+    """The weight files a run uses (found now, so every node uses the same), what the
+    sidecars say of them, and the loaded models (for the refinement they recommend)."""
+    from ..engine.weights import find_weights, load_models
 
     try:
         files = [str(f) for f in find_weights(mode, weights)]
+        models = load_models(mode, [Path(f) for f in files])
     except SynthMorphError as err:
         raise BIDSAppError(str(err), "no_weights") from None
-    for f in files:
-        if not Path(f).is_file():
-            raise BIDSAppError(f"{f}: weights file not found", "no_weights")
     return files, {"Model": [Path(f).name for f in files],
-                   "ModelSHA256": [sha256(f)[:16] for f in files]}
+                   "ModelSHA256": [sha256(f)[:16] for f in files]}, models
 
 
 def _omp(args) -> int:
@@ -47,7 +45,11 @@ def run_participant(args) -> int:
                          sessions=args.session_label, contrasts=args.contrasts,
                          filters=read_filters(args.bids_filter_file))
     plugin, plugin_args = plugin_settings(args)
-    weights, info = _weights_info(args.mode, args.weights)
+    weights, info, models = _weights_info(args.mode, args.weights)
+    # the refinement is pinned now (given, or what the weights recommend): every node runs
+    # the same, and the sidecars say what ran
+    refine = models.refine if args.refine is None else args.refine
+    refine_affine = models.refine_affine if args.refine_affine is None else args.refine_affine
     work = Path(args.work_dir).resolve()
     try:
         template = resolve_template(args.template, work / "templates")
@@ -63,7 +65,8 @@ def run_participant(args) -> int:
         units=units, template=template, output_dir=output_dir, bids_dir=args.bids_dir,
         mode=args.mode, regularization=args.regularization, weights=weights,
         weights_info=info, use_gpu=args.use_gpu, omp_nthreads=_omp(args),
-        extent=args.extent, refine=args.refine, refine_similarity=args.refine_similarity)
+        extent=args.extent, refine=refine, refine_similarity=args.refine_similarity,
+        refine_affine=refine_affine)
     wf.base_dir = str(work)
     crashdir = output_dir / "logs"
     wf.config["execution"].update({

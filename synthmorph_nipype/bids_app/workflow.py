@@ -35,6 +35,7 @@ def init_synthmorph_bids_wf(
     extent: int = 256,
     refine: int = 0,
     refine_similarity: str = "ncc",
+    refine_affine: int = 0,
     name: str = "synthmorph_bids_wf",
 ) -> pe.Workflow:
     """All participants of a run, one sub-workflow each (``single_<label>_wf``).
@@ -44,7 +45,8 @@ def init_synthmorph_bids_wf(
     units : the (subject, session) selections of :func:`.inputs.select_units`.
     template : the resolved registration template.
     output_dir, bids_dir : derivatives root and raw dataset root.
-    mode, regularization, weights, use_gpu, omp_nthreads, extent, refine, refine_similarity
+    mode, regularization, weights, use_gpu, omp_nthreads, extent, refine, refine_similarity,
+    refine_affine
         Registration settings (see :func:`~synthmorph_nipype.workflows.init_synthmorph_wf`).
     weights_info : what the sidecars record about the model (name, checksum).
     """
@@ -54,7 +56,8 @@ def init_synthmorph_bids_wf(
             unit=unit, template=template, output_dir=output_dir, bids_dir=bids_dir,
             mode=mode, regularization=regularization, weights=weights,
             weights_info=weights_info or {}, use_gpu=use_gpu, omp_nthreads=omp_nthreads,
-            extent=extent, refine=refine, refine_similarity=refine_similarity)])
+            extent=extent, refine=refine, refine_similarity=refine_similarity,
+            refine_affine=refine_affine)])
     return workflow
 
 
@@ -68,7 +71,8 @@ def _sink(name: str, output_dir, bids_dir, entities: dict, sources, metadata=Non
 def init_single_unit_wf(*, unit: Unit, template: Template, output_dir, bids_dir, mode: str,
                         regularization: float, weights, weights_info: dict, use_gpu: bool,
                         omp_nthreads: int, extent: int, refine: int = 0,
-                        refine_similarity: str = "ncc") -> pe.Workflow:
+                        refine_similarity: str = "ncc", refine_affine: int = 0
+                        ) -> pe.Workflow:
     """One subject/session: registration to the template, co-registrations, derivatives
     and the report."""
     workflow = pe.Workflow(name=f"single_{unit.label.replace('-', '_')}_wf")
@@ -79,11 +83,14 @@ def init_single_unit_wf(*, unit: Unit, template: Template, output_dir, bids_dir,
                 **({"Regularization": regularization} if mode in ("joint", "deform") else {}),
                 **({"Refinement": {"Steps": refine, "Similarity": refine_similarity}}
                    if refine and mode in ("joint", "deform") else {}),
+                **({"AffineRefinement": {"Steps": refine_affine, "Similarity": "mind"}}
+                   if refine_affine and mode != "deform" else {}),
                 **weights_info}
     reg_wf = init_synthmorph_wf(mode=mode, use_gpu=use_gpu, omp_nthreads=omp_nthreads,
                                 extent=extent, regularization=regularization,
                                 weights=weights, refine=refine,
-                                refine_similarity=refine_similarity, name="template_reg_wf")
+                                refine_similarity=refine_similarity,
+                                refine_affine=refine_affine, name="template_reg_wf")
     reg_wf.inputs.inputnode.moving_image = unit.reference
     reg_wf.inputs.inputnode.fixed_image = template.t1w
     ext = ".h5"  # fMRIPrep looks for .h5 composites, affine ones included

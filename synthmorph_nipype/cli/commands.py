@@ -103,10 +103,10 @@ def register(args: argparse.Namespace) -> None:
         losses = result.info["refine_affine_loss"]
         print(f"synthmorph register: affine refinement (mind) loss {losses[0]:.4f} -> "
               f"{losses[-1]:.4f} in {result.info['refine_affine']} steps per level")
-    if args.refine:
+    if "refine_loss" in result.info:
         losses = result.info["refine_loss"]
         print(f"synthmorph register: refinement ({args.refine_similarity}) loss "
-              f"{losses[0]:.4f} -> {losses[-1]:.4f} in {args.refine} steps")
+              f"{losses[0]:.4f} -> {losses[-1]:.4f} in {result.info['refine']} steps")
 
 
 def apply(args: argparse.Namespace) -> None:

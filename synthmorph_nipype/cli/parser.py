@@ -80,9 +80,10 @@ def build_parser() -> Parser:
                      help="model weights, .h5 (FreeSurfer/Keras) or .pt; repeatable")
     reg.add_argument("-j", "--threads", type=_positive, metavar="N",
                      help="CPU threads (default: all cores)")
-    reg.add_argument("--refine", type=_non_negative, default=0, metavar="N",
+    reg.add_argument("--refine", type=_non_negative, metavar="N",
                      help="deformable modes: optimise the predicted field on the pair for N "
-                     "steps (test-time refinement; default: 0)")
+                     "steps on a 4 mm grid (test-time refinement; default: what the weights "
+                     "recommend - the embedded models' model card; 0 for FreeSurfer's)")
     reg.add_argument("--refine-similarity", default="ncc", choices=("ncc", "mse", "mind"),
                      help="image similarity of the refinement: local NCC (default), MSE, or "
                      "MIND across contrasts")

@@ -22,16 +22,30 @@ from ..ops.similarity import IMAGE_SIMILARITIES, fixed_similarity
 
 def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, *,
                iterations: int, lam: float = 0.5, similarity: str = "ncc", steps: int = 7,
-               lr: float = 0.05) -> tuple[torch.Tensor, list[float]]:
+               lr: float = 0.05, pool: int = 1) -> tuple[torch.Tensor, list[float]]:
     """Refine a channels-last SVF ``(X, Y, Z, 3)`` (voxels) between two images ``(X, Y, Z)``
     on the same grid; returns the refined SVF and the loss before each step.
 
     ``integrate(svf)`` maps a point of image 2's grid to where image 1 is sampled (the
-    engine's pull-back convention), ``integrate(-svf)`` the reverse.
+    engine's pull-back convention), ``integrate(-svf)`` the reverse. With ``pool`` > 1 the
+    optimisation runs on a grid that many times coarser (images average-pooled, a step
+    costs ``pool**3`` times less) and adds its correction, upsampled, to the fine SVF.
     """
     if similarity not in IMAGE_SIMILARITIES:
         raise ValueError(f"unknown similarity {similarity!r}, choose from "
                          f"{', '.join(IMAGE_SIMILARITIES)}")
+    if pool > 1:
+        coarse = F.avg_pool3d(svf.permute(3, 0, 1, 2)[None], pool) / pool
+        start = coarse[0].permute(1, 2, 3, 0)
+        img_1, img_2 = (F.avg_pool3d(x[None, None].float(), pool)[0, 0]
+                        for x in (image_1, image_2))
+        refined, history = refine_svf(start, img_1, img_2, iterations=iterations, lam=lam,
+                                      similarity=similarity, steps=steps, lr=lr)
+        change = (refined - start).permute(3, 0, 1, 2)[None]
+        # pooled voxel k sits at fine voxel pool * k + (pool - 1) / 2: align_corners=False
+        fine = F.interpolate(change, size=svf.shape[:3], mode="trilinear",
+                             align_corners=False)
+        return svf + pool * fine[0].permute(1, 2, 3, 0), history
     sim = IMAGE_SIMILARITIES[similarity]
     grid = voxel_grid(image_1.shape, dtype=svf.dtype, device=svf.device)
     fixed_1, fixed_2 = image_1[None, None], image_2[None, None]

@@ -60,7 +60,7 @@ def set_threads(threads: int | None) -> None:
 def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int = 256,
              steps: int = 7, init: Transform | None = None,
              device: torch.device | str = "cpu",
-             outputs: tuple[str, ...] = ("forward", "inverse"), refine: int = 0,
+             outputs: tuple[str, ...] = ("forward", "inverse"), refine: int | None = None,
              lam: float = 0.5, similarity: str = "ncc",
              refine_affine: int | None = None) -> Registration:
     """Register ``moving`` to ``fixed`` (nibabel images, any orientation and voxel size).
@@ -81,8 +81,8 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
         deformable direction nobody asked for costs its own world-space field.
     refine, lam, similarity : test-time refinement of the deformable step: that many
         optimisation steps of ``(1 - lam) * similarity + lam * Grad-l2`` on the pair
-        (``similarity``: ``ncc``, ``mse`` or ``mind``); 0 (default) keeps the network's
-        field.
+        (``similarity``: ``ncc``, ``mse`` or ``mind``) on a 4 mm grid; ``None`` takes what
+        the weights recommend (``models.refine``), 0 keeps the network's field.
     refine_affine : test-time refinement of the affine (or rigid) matrix, steps per level
         of a 4 mm / 2 mm pyramid on a symmetric MIND similarity (works across contrasts);
         ``None`` takes what the weights recommend (``models.refine_affine``: 0 for
@@ -111,6 +111,8 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
     fix_ras2net, mov_ras2net = np.linalg.inv(fix_net2ras), np.linalg.inv(mov_net2ras)
     if refine_affine is None:
         refine_affine = models.refine_affine
+    if refine is None:
+        refine = models.refine if mode in ("deform", "joint") else 0
     info = {"mode": mode, "extent": extent, "steps": steps, "device": str(device)}
     if refine_affine and mode != "deform":
         info["refine_affine"] = refine_affine
@@ -128,6 +130,8 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
     if "refine_affine_loss" in out.stages:
         info["refine_affine_loss"] = out.stages["refine_affine_loss"]
     if refine:
+        info["refine"] = refine
+        info["refine_similarity"] = similarity
         info["refine_loss"] = out.stages["refine_loss"]
     del inp_1, inp_2
     affine = Affine(world_matrix(out.affine_1, mov_net2ras, fix_ras2net))

@@ -39,9 +39,10 @@ class Models:
     affine: AffineDetector | None = None
     deform: UNet | None = None
     sources: tuple[str, ...] = ()
-    # test-time refinement steps of the affine the weights recommend (their checkpoint's
-    # ``refine_affine`` metadata; FreeSurfer's need none)
+    # test-time refinement steps the weights recommend for the affine and the deformable
+    # step (their checkpoint's ``refine_affine`` / ``refine`` metadata; FreeSurfer's: none)
     refine_affine: int = 0
+    refine: int = 0
 
     def to(self, device) -> Models:
         for m in (self.affine, self.deform):
@@ -81,7 +82,7 @@ def load_models(mode: str, files: list[Path], *, lam: float = 0.5) -> Models:
     want_affine, want_deform = needs(mode)
     rigid = mode == "rigid"
     affine = deform = None
-    refine_affine = 0
+    refine_affine = refine = 0
     for path in files:
         if not Path(path).is_file():
             raise WeightsError(f"{path}: weights file not found")
@@ -90,6 +91,8 @@ def load_models(mode: str, files: list[Path], *, lam: float = 0.5) -> Models:
             found_affine, found_deform = parts["affine"], parts["deform"]
             if found_affine is not None and want_affine and affine is None:
                 refine_affine = int(parts["meta"].get("refine_affine", 0))
+            if found_deform is not None and want_deform and deform is None:
+                refine = int(parts["meta"].get("refine", 0))
             if isinstance(found_deform, HyperUNet) and want_deform:
                 found_deform = found_deform.specialize(lam)
         else:
@@ -109,4 +112,4 @@ def load_models(mode: str, files: list[Path], *, lam: float = 0.5) -> Models:
                            f"mode '{mode}' needs one")
     if affine is not None and affine.config.rigid != rigid:
         affine.config = dataclasses.replace(affine.config, rigid=rigid)
-    return Models(affine, deform, tuple(str(f) for f in files), refine_affine)
+    return Models(affine, deform, tuple(str(f) for f in files), refine_affine, refine)

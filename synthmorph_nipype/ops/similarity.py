@@ -15,9 +15,30 @@ import torch
 import torch.nn.functional as F
 
 
+def _box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Sum over a ``window``-wide cube around each voxel (zero outside), as three 1-D
+    convolutions: several times faster than ``avg_pool3d`` on a CPU, forward and back."""
+    c = x.shape[1]
+    for axis in range(3):
+        size = [1, 1, 1]
+        size[axis] = window
+        pad = [0, 0, 0]
+        pad[axis] = window // 2
+        kernel = torch.ones(c, 1, *size, dtype=x.dtype, device=x.device)
+        x = F.conv3d(x, kernel, padding=tuple(pad), groups=c)
+    return x
+
+
 def _local_mean(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Mean over a ``window``-wide cube around each voxel (the cube is cut at the edges)."""
-    return F.avg_pool3d(x, window, stride=1, padding=window // 2, count_include_pad=False)
+    """Mean over a ``window``-wide cube around each voxel (the cube is cut at the edges).
+
+    >>> x = torch.rand(1, 2, 7, 6, 5)
+    >>> ref = F.avg_pool3d(x, 3, stride=1, padding=1, count_include_pad=False)
+    >>> bool(torch.allclose(_local_mean(x, 3), ref, atol=1e-6))
+    True
+    """
+    count = _box_sum(torch.ones_like(x[:1, :1]), window)
+    return _box_sum(x, window) / count
 
 
 def local_ncc(moved: torch.Tensor, fixed: torch.Tensor, window: int = 9,

@@ -37,8 +37,9 @@ def init_synthmorph_wf(
     extent: int = 256,
     regularization: float = 0.5,
     weights: Sequence[str] | None = None,
-    refine: int = 0,
+    refine: int | None = None,
     refine_similarity: str = "ncc",
+    refine_affine: int | None = None,
     name: str = "synthmorph_wf",
 ) -> pe.Workflow:
     """Register a moving image to a fixed one with SynthMorph.
@@ -72,10 +73,14 @@ def init_synthmorph_wf(
         Regularization weight lambda in (0, 1) of the deformable step.
     weights : list of :obj:`str`, optional
         Model files (``-w``); by default the installed or embedded models.
-    refine : :obj:`int`
-        Test-time refinement steps of the deformable node (0: the network's field).
+    refine : :obj:`int` or None
+        Test-time refinement steps of the deformable node (0: the network's field; None:
+        what the weights recommend).
     refine_similarity : :obj:`str`
         ``ncc``, ``mse`` or ``mind`` (across contrasts), for ``refine``.
+    refine_affine : :obj:`int` or None
+        Test-time refinement steps of the affine node (0: the network's matrix; None:
+        what the weights recommend).
     name : :obj:`str`
         Workflow name.
 
@@ -127,6 +132,8 @@ def init_synthmorph_wf(
         affine_reg = registration_node("rigid" if mode == "rigid" else "affine",
                                        name="affine_reg", write_moved=mode != "joint",
                                        **common)
+        if refine_affine is not None:
+            affine_reg.inputs.refine_affine = refine_affine
         workflow.connect([
             (mask_moving, affine_reg, [("out_file", "moving_image")]),
             (inputnode, affine_reg, [("fixed_image", "fixed_image"),
@@ -135,9 +142,9 @@ def init_synthmorph_wf(
         last = affine_reg
     if mode in ("joint", "deform"):
         deform_reg = registration_node("deform", name="deform_reg", **common)
-        if refine:
+        if refine is not None:
             deform_reg.inputs.refine = refine
-            deform_reg.inputs.refine_similarity = refine_similarity
+        deform_reg.inputs.refine_similarity = refine_similarity
         workflow.connect([
             (mask_moving, deform_reg, [("out_file", "moving_image")]),
             (inputnode, deform_reg, [("fixed_image", "fixed_image")]),
