@@ -598,9 +598,10 @@ def _call(cmd: Sequence[str], ctx: Context, log) -> None:
 class SynthMorph(Method):
     """``synthmorph register`` (this package), run as its own process."""
 
-    def __init__(self, mode: str):
-        self.mode, self.name = mode, f"synthmorph-{mode}"
+    def __init__(self, mode: str, suffix: str = "", extra: Sequence[str] = ()):
+        self.mode, self.name = mode, f"synthmorph-{mode}{suffix}"
         self.kind = "affine" if mode in ("affine", "rigid") else "deformable"
+        self.extra = list(extra)
 
     def _cli(self) -> list[str]:
         return [sys.executable, "-m", "synthmorph_nipype.cli.main"]
@@ -633,7 +634,7 @@ class SynthMorph(Method):
                              "-e", str(ctx.extent), "-g" if ctx.gpu else "--cpu"]
         for w in ctx.weights.get(self.mode) or []:
             cmd += ["-w", str(w)]
-        return cmd
+        return cmd + self.extra
 
     def post(self, pair: Path, run: Path, ctx: Context, log) -> tuple[list[Path], Path]:
         _call(self._cli() + ["apply", "-m", "nearest", run / "fwd.h5",
@@ -764,9 +765,15 @@ class Elastix(Method):
         return [fields[0]], results[0] if results else run / "missing"
 
 
+NO_REFINEMENT = ["--refine", "0", "--refine-affine", "0"]
 METHODS: dict[str, Callable[[], Method]] = {
+    # the defaults (with the test-time refinement the weights recommend), the networks
+    # alone, and longer refinements
     "synthmorph-joint": lambda: SynthMorph("joint"),
     "synthmorph-affine": lambda: SynthMorph("affine"),
+    "synthmorph-joint-net": lambda: SynthMorph("joint", "-net", NO_REFINEMENT),
+    "synthmorph-affine-net": lambda: SynthMorph("affine", "-net", ["--refine-affine", "0"]),
+    "synthmorph-joint-refine100": lambda: SynthMorph("joint", "-refine100", ["--refine", "100"]),
     "ants-syn": lambda: Ants("SyN"),
     "ants-affine": lambda: Ants("Affine"),
     "elastix": lambda: Elastix(affine_only=False),

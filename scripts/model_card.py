@@ -1,6 +1,8 @@
 """Write the model card of the embedded weights from the training runs that made them.
 
-    python scripts/model_card.py runs/affine runs/joint > synthmorph_nipype/data/MODEL_CARD.md
+    python scripts/model_card.py runs/affine:synthmorph_nipype/data/synthmorph_nipype.affine.pt \
+        runs/joint:synthmorph_nipype/data/synthmorph_nipype.joint.pt \
+        > synthmorph_nipype/data/MODEL_CARD.md
 
 Reads each run's ``model.pt`` metadata, ``val.csv`` and ``train.csv``; prints Markdown.
 """
@@ -18,12 +20,22 @@ from synthmorph_nipype.models.checkpoint import load_checkpoint
 
 
 def _rows(path: Path) -> list[dict]:
+    """CSV rows, one per step (a resumed run repeats the steps after its checkpoint: the
+    last row of each step is the one that counts)."""
     with path.open() as f:
-        return list(csv.DictReader(f))
+        rows = {r["step"]: r for r in csv.DictReader(f)}
+    return list(rows.values())
 
 
-def describe(run: Path) -> list[str]:
-    parts = load_checkpoint(run / "model.pt")
+def _condensed(val: list[dict], every: int = 5000) -> list[dict]:
+    """Validation rows every ``every`` steps, plus the first and the last."""
+    keep = [r for i, r in enumerate(val)
+            if i in (0, len(val) - 1) or int(r["step"]) % every == 0]
+    return keep
+
+
+def describe(run: Path, model: Path | None = None) -> list[str]:
+    parts = load_checkpoint(model or run / "model.pt")
     meta = parts["meta"]
     cfg = json.loads(meta["training_config"])
     train = _rows(run / "train.csv")
@@ -37,8 +49,13 @@ def describe(run: Path) -> list[str]:
         n = sum(p.numel() for p in model.parameters())
         lines.append(f"- {key}: `{type(model).__name__}` {model.config.to_dict()}, "
                      f"{n:,} parameters")
+    decay = (f", cosine decay from step {cfg['lr_decay_start']} to {cfg['lr_final']}"
+             if cfg.get("lr_decay_start") is not None else "")
+    refine = [f"{meta[k]} {what}" for k, what in (("refine_affine", "affine"),
+                                                   ("refine", "deformable"))
+              if int(meta.get(k, 0))]
     lines += [
-        f"- trained: {meta['trained_steps']} steps of batch 1, Adam lr {cfg['lr']}, seed "
+        f"- trained: {meta['trained_steps']} steps of batch 1, Adam lr {cfg['lr']}{decay}, seed "
         f"{cfg['seed']}, {cfg['similarity']} similarity"
         + (f" + lambda x {cfg['regularizer']}" if cfg["model"] == "joint" else "")
         + f", on {meta['date']}, {seconds / 3600:.2f} h of step time "
@@ -48,12 +65,14 @@ def describe(run: Path) -> list[str]:
         + f"; random shapes with probability {cfg['shapes_prob']}, else template brains "
         f"(with a synthetic head with probability {cfg['head_prob']}); synthesis changes "
         f"{json.dumps(cfg['synth'])}",
+        "- test-time refinement it recommends (the default of `synthmorph register`): "
+        + (", ".join(refine) + " steps" if refine else "none"),
         "",
     ]
     if val:
         keys = [k for k in val[0] if k != "step"]
         lines += ["| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-        for r in val:
+        for r in _condensed(val):
             lines.append(f"| {r['step']} | " + " | ".join(f"{float(r[k]):.4f}" for k in keys)
                          + " |")
         lines.append("")
@@ -66,13 +85,15 @@ def main(runs: list[str]) -> None:
            "and from the ICBM152 2009 template nilearn ships; no acquired scans). "
            "Validation is on a fixed set of synthetic pairs of the same kind "
            "(soft Dice of the loss labels, background excluded; `error_vox` is the mean "
-           "distance to the known affine over labelled voxels in 2 mm voxels; "
+           "distance to the known affine over labelled voxels, in voxels of the training "
+           "grid; "
            "`folding_pct` the share of non-positive Jacobian determinants at lambda 0.5).",
            "", "Reproduce with `synthmorph train --config configs/embedded_affine.toml "
            "--out runs/affine` and `synthmorph train --config configs/embedded_joint.toml "
            "--out runs/joint --affine-weights runs/affine/model.pt`.", ""]
-    for run in runs:
-        out += describe(Path(run))
+    for spec in runs:  # RUN or RUN:MODEL (the exported file, when not RUN/model.pt)
+        run, _, model = spec.partition(":")
+        out += describe(Path(run), Path(model) if model else None)
     print("\n".join(out))
 
 

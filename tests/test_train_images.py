@@ -42,7 +42,7 @@ def image_dir(template, tmp_path_factory):
 
 
 def config(image_dir, weights, **changes) -> TrainConfig:
-    base = dict(model="joint", objective="images", images=str(image_dir),
+    base = dict(model="joint", objective="similarity", images=str(image_dir),
                 init_weights=str(weights), steps=30, lr=3e-3, seed=0, val_pairs=3,
                 val_every=30, ckpt_every=30, threads=1, amp=False, similarity="ncc")
     base.update(changes)
@@ -66,7 +66,7 @@ def test_train_images_from_the_command_line(image_dir, tiny_weights, template, t
     cfg.write_text(json.dumps({"val_pairs": 2, "val_every": 4, "ckpt_every": 4,
                                "amp": False, "lr": 1e-3}))
     out = tmp_path / "ft"
-    code = main(["train", "--model", "joint", "--objective", "images", "--images",
+    code = main(["train", "--model", "joint", "--objective", "similarity", "--images",
                  str(image_dir), "--init-weights", str(tiny_weights["joint"]), "--similarity",
                  "mind", "--config", str(cfg), "--out", str(out), "--steps", "4", "-j", "1",
                  "-q"])
@@ -87,7 +87,8 @@ def test_image_lists_need_two_images(image_dir, tmp_path):
     with pytest.raises(InputError, match="at least 2"):
         image_files(one)
     with pytest.raises(ValueError, match="needs images"):
-        TrainConfig(model="joint", objective="images")
+        TrainConfig(model="joint", objective="similarity")
+    assert TrainConfig(model="joint", objective="images", images="x").objective == "similarity"
     with pytest.raises(ValueError, match="2 mm grid"):
-        TrainConfig(model="joint", objective="images", images="x", voxel_mm=4.0)
+        TrainConfig(model="joint", objective="similarity", images="x", voxel_mm=4.0)
     torch.manual_seed(0)

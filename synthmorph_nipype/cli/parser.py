@@ -153,13 +153,13 @@ def build_parser() -> Parser:
     tr.add_argument("-j", "--threads", type=_positive, metavar="N")
     tr.add_argument("--affine-weights", metavar="PT",
                     help="joint: affine model .pt to bundle into the exported model")
-    tr.add_argument("--objective", choices=("synthetic", "images"), default=None,
+    tr.add_argument("--objective", choices=("synthetic", "similarity", "images"), default=None,
                     help="synthetic label maps (SynthMorph, default) or your own images "
                     "with an image similarity (VoxelMorph-style fine-tuning)")
     tr.add_argument("--images", metavar="DIR_OR_BIDS",
-                    help="images objective: a folder, BIDS dataset or list of images")
+                    help="similarity objective: a folder, BIDS dataset or list of images")
     tr.add_argument("--init-weights", metavar="PT",
-                    help="images objective: start from this joint model (e.g. the embedded "
+                    help="similarity objective: start from this joint model (e.g. the embedded "
                     "one); its detector aligns the pairs")
     tr.add_argument("--similarity", choices=("label_mse", "dice", "ncc", "mse", "mind"),
                     default=None, help="training similarity (images: ncc, mse or mind)")

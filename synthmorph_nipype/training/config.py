@@ -71,7 +71,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     affine_weights: str | None = None  # joint: affine .pt bundled into the exported model
-    # objective "images": VoxelMorph-style training on a user's images (a folder, a BIDS
+    # objective "similarity" (alias "images"): VoxelMorph-style training on a user's images (a folder, a BIDS
     # dataset or a list) with an image similarity ("ncc", "mse", "mind"), starting from
     # init_weights (a joint .pt, e.g. the embedded model: its detector aligns the pairs)
     objective: str = "synthetic"
@@ -90,17 +90,22 @@ class TrainConfig:
             raise ValueError("lr_decay_start must lie between 0 and steps")
         if self.crop is not None and not (16 <= self.crop <= self.grid and self.crop % 16 == 0):
             raise ValueError("crop must be a multiple of 16 no larger than grid")
-        if self.objective not in ("synthetic", "images"):
-            raise ValueError(f"objective must be synthetic or images, got {self.objective!r}")
-        if self.objective == "images":
+        if self.objective == "images":  # the name of earlier versions
+            self.objective = "similarity"
+        if self.objective not in ("synthetic", "similarity"):
+            raise ValueError("objective must be synthetic or similarity (images), got "
+                             f"{self.objective!r}")
+        if self.objective == "similarity":
             if self.model != "joint" or not self.images:
-                raise ValueError("the images objective trains a joint model and needs images")
+                raise ValueError("the similarity objective trains a joint model and needs "
+                                 "images")
             if self.similarity == "label_mse":  # the label default has no image meaning
                 self.similarity = "ncc"
             if self.extent not in (192, 256):
                 raise ValueError(f"extent must be 192 or 256, got {self.extent}")
             if self.voxel_mm != 2.0:  # pairs come at the engine's half resolution
-                raise ValueError("the images objective trains on the 2 mm grid (voxel_mm 2)")
+                raise ValueError("the similarity objective trains on the 2 mm grid "
+                                 "(voxel_mm 2)")
         if self.voxel_mm not in (2.0, 4.0):
             raise ValueError("voxel_mm must be 2 or 4 (the engine's networks see a 2 mm grid, "
                              "which a model trained at 4 mm pools)")

@@ -156,7 +156,7 @@ class Trainer:
             kwargs.update(regularizer=config.regularizer, steps=config.int_steps)
         self.detector = self.images = None
         task_name, model_config, init = config.model, config.model_config(), None
-        if config.objective == "images":
+        if config.objective == "similarity":
             task_name = "images"
             if config.init_weights:
                 init = load_checkpoint(config.init_weights)
@@ -172,7 +172,7 @@ class Trainer:
         if init is not None:
             self.task.model.load_state_dict(init["deform"].state_dict())
         self.task.model.to(self.device)
-        if config.objective == "images":
+        if config.objective == "similarity":
             self.images = ImagePairs(image_files(config.images), config.extent, self.device)
         self.optimizer = torch.optim.Adam(self.task.model.parameters(), lr=config.lr)
         self.source = label_source(config) if config.objective == "synthetic" else None
@@ -209,6 +209,8 @@ class Trainer:
                     if f.default is not MISSING}
         saved = {k: v for k, v in {**defaults, **state["config"]}.items()
                  if k not in RESUMABLE}
+        if saved.get("objective") == "images":  # renamed
+            saved["objective"] = "similarity"
         mine = {k: v for k, v in self.config.to_dict().items() if k not in RESUMABLE}
         if saved != mine:
             diff = sorted(k for k in mine if saved.get(k) != mine[k])
