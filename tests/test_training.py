@@ -177,7 +177,7 @@ def test_deform_objective_learns_a_pair_without_folding():
     before = task.evaluate(pair)
     assert before["folding_pct"] == 0.0  # starts at the identity
     with torch.no_grad():
-        d1, d2 = task.fields(pair, 0.5)
+        d1, d2, _ = task.fields(pair, 0.5)
     assert d1.abs().max() < 0.2 and d2.abs().max() < 0.2  # voxels
     opt = torch.optim.Adam(task.model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
@@ -349,7 +349,7 @@ def test_training_fields_are_the_engines_half_resolution_fields():
     onehot = torch.zeros(1, 2, 16, 16, 16)
     pair = Pair(half_1[None, None], half_2[None, None], onehot, onehot)
     with torch.no_grad():
-        d1, d2 = task.fields(pair, 0.3)
+        d1, d2, _ = task.fields(pair, 0.3)
     out = run_deformable(task.model.specialize(0.3), full_1, full_2, steps=5, keep=True)
     assert d1.abs().max() > 0.5
     assert torch.allclose(out.stages["half_def_1"], d1, atol=1e-4)

@@ -31,6 +31,9 @@ class UNetConfig:
     # run on the input average-pooled by this factor and upsample the velocity field back
     # (in input voxels): a U-Net trained on a 4 mm grid serves the engine's 2 mm grid
     prepool: int = 1
+    # spatially varying regularisation (Chen et al.): a fourth output channel, the logit
+    # of a voxel-wise regularisation weight (see :func:`split_lambda`)
+    lambda_head: bool = False
 
     def __post_init__(self):
         if len(self.enc_nf) != len(self.dec_nf):
@@ -47,7 +50,7 @@ class UNetConfig:
         for n in self.dec_nf:
             chans.append((cin, n))
             cin = n + skips.pop()
-        for n in (*self.add_nf, 3):
+        for n in (*self.add_nf, 4 if self.lambda_head else 3):
             chans.append((cin, n))
             cin = n
         return chans
@@ -72,7 +75,9 @@ def unet_forward(x: torch.Tensor, convs: Sequence[Callable], levels: int,
     if prepool > 1:
         out = unet_forward(F.avg_pool3d(x, prepool), convs, levels)
         up = F.interpolate(out, scale_factor=prepool, mode="trilinear", align_corners=False)
-        return up * prepool
+        scale = torch.ones(up.shape[1], dtype=up.dtype, device=up.device)
+        scale[:3] = prepool  # velocities to input voxels; a lambda logit stays as it is
+        return up * scale.view(1, -1, 1, 1, 1)
     skips = []
     for conv in convs[:levels]:
         x = leaky(conv(x))
@@ -85,6 +90,20 @@ def unet_forward(x: torch.Tensor, convs: Sequence[Callable], levels: int,
     for conv in convs[2 * levels:-1]:
         x = leaky(conv(x))
     return convs[-1](x)
+
+
+def split_lambda(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The velocity field ``(B, 3, ...)`` of a U-Net output and, when it has a lambda head,
+    the voxel-wise regularisation weight ``(B, 1, ...)``: sigmoid of the fourth channel,
+    kept in ``[1e-6, 1]`` so that its logarithm (the prior) stays finite.
+
+    >>> svf, lam = split_lambda(torch.zeros(1, 4, 2, 2, 2))
+    >>> tuple(svf.shape), float(lam.mean())
+    ((1, 3, 2, 2, 2), 0.5)
+    """
+    if out.shape[1] == 3:
+        return out, None
+    return out[:, :3], torch.sigmoid(out[:, 3:4]).clamp(1e-6, 1.0)
 
 
 class UNet(nn.Module):

@@ -63,6 +63,12 @@ class TrainConfig:
     warmup_steps: int = 0
     similarity: str = "label_mse"
     regularizer: str = "grad_l2"
+    # spatially varying regularisation (joint): a U-Net with a lambda head instead of the
+    # hypernetwork, a Beta(prior_alpha, 1) prior on the map and its weighted gradient
+    # penalty (see training.tasks.DeformTask)
+    spatial_lambda: bool = False
+    prior_alpha: float = 2.0
+    penalty_weight: float = 1.0
     int_steps: int = 7
     val_pairs: int = 8
     val_every: int = 250
@@ -71,9 +77,10 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     affine_weights: str | None = None  # joint: affine .pt bundled into the exported model
-    # objective "similarity" (alias "images"): VoxelMorph-style training on a user's images (a folder, a BIDS
-    # dataset or a list) with an image similarity ("ncc", "mse", "mind"), starting from
-    # init_weights (a joint .pt, e.g. the embedded model: its detector aligns the pairs)
+    # objective "similarity" (alias "images"): VoxelMorph-style training on a user's
+    # images (a folder, a BIDS dataset or a list) with an image similarity ("ncc", "mse",
+    # "mind"), starting from init_weights (a joint .pt, e.g. the embedded model: its
+    # detector aligns the pairs)
     objective: str = "synthetic"
     images: str | None = None
     init_weights: str | None = None
@@ -106,6 +113,10 @@ class TrainConfig:
             if self.voxel_mm != 2.0:  # pairs come at the engine's half resolution
                 raise ValueError("the similarity objective trains on the 2 mm grid "
                                  "(voxel_mm 2)")
+        if self.spatial_lambda and self.model != "joint":
+            raise ValueError("spatial_lambda needs the joint model")
+        if self.prior_alpha < 1 or self.penalty_weight < 0:
+            raise ValueError("prior_alpha must be >= 1 and penalty_weight >= 0")
         if self.voxel_mm not in (2.0, 4.0):
             raise ValueError("voxel_mm must be 2 or 4 (the engine's networks see a 2 mm grid, "
                              "which a model trained at 4 mm pools)")
@@ -144,7 +155,7 @@ class TrainConfig:
     def model_config(self) -> AffineConfig | UNetConfig:
         """The network configuration the widths describe."""
         if self.model == "joint":
-            return UNetConfig.from_dict(self.widths)
+            return UNetConfig.from_dict({**self.widths, "lambda_head": self.spatial_lambda})
         return AffineConfig.from_dict({**self.widths, "rigid": self.model == "rigid"})
 
     def prepool(self) -> int:

@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from ..models.affine import AffineConfig, AffineDetector, centred_to_index
-from ..models.joint import HyperUNet, UNetConfig
+from ..models.joint import HyperUNet, UNet, UNetConfig, split_lambda
 from ..models.layers import HyperConv3d
 from ..ops.grid import apply_affine, voxel_grid
 from ..ops.integrate import integrate_svf
 from ..ops.jacobian import folding_percent
+from ..ops.regularity import beta_prior, weighted_grad_l2
 from ..ops.sampling import sample_linear
 from ..ops.similarity import IMAGE_SIMILARITIES
 from .losses import grad_l2, label_mse, soft_dice
@@ -84,6 +85,21 @@ def init_weights(model: nn.Module, slope: float = 0.2) -> None:
             nn.init.normal_(m.hyperkernel.weight, std=0.1 * std)
             nn.init.zeros_(m.hyperbias.bias)
             nn.init.normal_(m.hyperbias.weight, std=1e-3)
+
+
+@torch.no_grad()
+def load_start(model: nn.Module, start: HyperUNet, lam: float = 0.5) -> None:
+    """Start ``model`` from a trained hyper U-Net: the same weights for a hyper U-Net; for a
+    U-Net with a lambda head, the convolutions ``start`` predicts for ``lam`` (its velocity
+    channels), the head keeping its fresh initialisation."""
+    if isinstance(model, HyperUNet):
+        model.load_state_dict(start.state_dict())
+        return
+    plain = start.specialize(lam).to(next(model.parameters()).device)
+    for mine, theirs in zip(model.convs, plain.convs, strict=True):
+        n = theirs.weight.shape[0]
+        mine.weight[:n].copy_(theirs.weight)
+        mine.bias[:n].copy_(theirs.bias)
 
 
 class Task:
@@ -163,32 +179,50 @@ def _mean_error(mat: torch.Tensor, truth: torch.Tensor, onehot_fixed: torch.Tens
 class DeformTask(Task):
     """The hyper U-Net on affinely aligned pairs: a symmetric SVF ``0.5 (f(1,2) - f(2,1))``
     integrated both ways; ``(1 - lambda) * similarity + lambda * regularizer`` with one
-    ``lambda ~ U(0, 1)`` per step fed to the hypernetwork."""
+    ``lambda ~ U(0, 1)`` per step fed to the hypernetwork.
+
+    With ``config.lambda_head`` (spatially varying regularisation, Chen et al.) the network
+    is a plain U-Net that also predicts a voxel-wise weight map ``lambda(x)`` (the mean of
+    both passes), and the objective is ``similarity + penalty_weight * mean(lambda |grad
+    u|^2) + (1 - prior_alpha) * mean(log lambda)`` (a Beta(alpha, 1) prior on lambda).
+    """
 
     name = "joint"
 
     def __init__(self, config: UNetConfig, similarity: str = "label_mse",
-                 regularizer: str = "grad_l2", steps: int = 7, loss_stride: int = 2):
-        self.model = HyperUNet(config)
+                 regularizer: str = "grad_l2", steps: int = 7, loss_stride: int = 2,
+                 prior_alpha: float = 2.0, penalty_weight: float = 1.0):
+        self.spatial = config.lambda_head
+        self.model = UNet(config) if self.spatial else HyperUNet(config)
         init_weights(self.model)
-        # start near the identity: the last layer predicts an almost zero SVF
+        # start near the identity: the last layer predicts an almost zero SVF (and, with a
+        # lambda head, lambda = 0.5 everywhere)
         last = self.model.convs[-1]
-        for p in (last.hyperkernel.weight, last.hyperkernel.bias, last.hyperbias.weight,
-                  last.hyperbias.bias):
+        params = ((last.weight, last.bias) if self.spatial else
+                  (last.hyperkernel.weight, last.hyperkernel.bias, last.hyperbias.weight,
+                   last.hyperbias.bias))
+        for p in params:
             nn.init.normal_(p, std=1e-5)
         self.similarity = SIMILARITIES[similarity]
         self.regularizer = REGULARIZERS[regularizer]
         self.steps = int(steps)
         self.stride = int(loss_stride)
+        self.prior_alpha, self.penalty_weight = float(prior_alpha), float(penalty_weight)
 
     def fields(self, pair: Pair, lam: float | torch.Tensor, autocast=nullcontext):
-        """Displacements (channels last, voxels) fixed -> moving and moving -> fixed."""
+        """Displacements (channels last, voxels) fixed -> moving and moving -> fixed, and
+        the voxel-wise weight map ``(1, 1, *s)`` of a lambda head (else None)."""
         x12 = torch.cat([pair.image_1, pair.image_2], 1)
         x21 = torch.cat([pair.image_2, pair.image_1], 1)
         with autocast():
-            a, b = self.model(x12, lam), self.model(x21, lam)
-        svf = (0.5 * (a.float() - b.float()))[0].permute(1, 2, 3, 0)
-        return integrate_svf(svf, self.steps), integrate_svf(-svf, self.steps)
+            if self.spatial:
+                a, b = self.model(x12), self.model(x21)
+            else:
+                a, b = self.model(x12, lam), self.model(x21, lam)
+        (a, lam_a), (b, lam_b) = split_lambda(a.float()), split_lambda(b.float())
+        svf = (0.5 * (a - b))[0].permute(1, 2, 3, 0)
+        lam_map = None if lam_a is None else 0.5 * (lam_a + lam_b)
+        return integrate_svf(svf, self.steps), integrate_svf(-svf, self.steps), lam_map
 
     @staticmethod
     def _moved(pair: Pair, d1: torch.Tensor, d2: torch.Tensor, s: int = 1):
@@ -204,21 +238,30 @@ class DeformTask(Task):
 
     def loss(self, pair, generator, autocast=nullcontext):
         lam = float(torch.rand((), generator=generator))
-        d1, d2 = self.fields(pair, lam, autocast)
+        d1, d2, lam_map = self.fields(pair, lam, autocast)
         (m1, f1), (m2, f2) = self._compared(pair, d1, d2)
         sim = 0.5 * (self.similarity(m1, f1) + self.similarity(m2, f2))
-        reg = 0.5 * (self.regularizer(d1.permute(3, 0, 1, 2)[None])
-                     + self.regularizer(d2.permute(3, 0, 1, 2)[None]))
+        u1, u2 = d1.permute(3, 0, 1, 2)[None], d2.permute(3, 0, 1, 2)[None]
+        if lam_map is not None:
+            reg = 0.5 * (weighted_grad_l2(u1, lam_map) + weighted_grad_l2(u2, lam_map))
+            prior = beta_prior(lam_map, self.prior_alpha)
+            loss = sim + self.penalty_weight * reg + prior
+            return loss, {"sim": float(sim.detach()), "reg": float(reg.detach()),
+                          "lambda": float(lam_map.detach().mean())}
+        reg = 0.5 * (self.regularizer(u1) + self.regularizer(u2))
         loss = (1 - lam) * sim + lam * reg
         return loss, {"sim": float(sim.detach()), "reg": float(reg.detach()), "lambda": lam}
 
     @torch.no_grad()
     def evaluate(self, pair, lam: float = 0.5):
-        d1, d2 = self.fields(pair, lam)
+        d1, d2, lam_map = self.fields(pair, lam)
         (m1, f1), _ = self._moved(pair, d1, d2)
-        return {"dice": float(soft_dice(m1, f1)),
-                "dice_before": float(soft_dice(pair.onehot_1, pair.onehot_2)),
-                "folding_pct": folding_percent(d1)}
+        out = {"dice": float(soft_dice(m1, f1)),
+               "dice_before": float(soft_dice(pair.onehot_1, pair.onehot_2)),
+               "folding_pct": folding_percent(d1)}
+        if lam_map is not None:
+            out["lambda_mean"] = float(lam_map.mean())
+        return out
 
     def export(self):
         return {"deform": self.model}
@@ -231,8 +274,8 @@ class ImageTask(DeformTask):
     name = "images"
 
     def __init__(self, config: UNetConfig, similarity: str = "ncc",
-                 regularizer: str = "grad_l2", steps: int = 7):
-        super().__init__(config, regularizer=regularizer, steps=steps)
+                 regularizer: str = "grad_l2", steps: int = 7, **spatial):
+        super().__init__(config, regularizer=regularizer, steps=steps, **spatial)
         if similarity not in IMAGE_SIMILARITIES:
             raise ValueError(f"unknown image similarity {similarity!r}, choose from "
                              f"{', '.join(IMAGE_SIMILARITIES)}")
@@ -246,11 +289,14 @@ class ImageTask(DeformTask):
 
     @torch.no_grad()
     def evaluate(self, pair, lam: float = 0.5):
-        d1, d2 = self.fields(pair, lam)
+        d1, d2, lam_map = self.fields(pair, lam)
         (m1, f1), _ = self._compared(pair, d1, d2)
-        return {"similarity": float(self.similarity(m1, f1)),
-                "similarity_before": float(self.similarity(pair.image_1, pair.image_2)),
-                "folding_pct": folding_percent(d1)}
+        out = {"similarity": float(self.similarity(m1, f1)),
+               "similarity_before": float(self.similarity(pair.image_1, pair.image_2)),
+               "folding_pct": folding_percent(d1)}
+        if lam_map is not None:
+            out["lambda_mean"] = float(lam_map.mean())
+        return out
 
 
 TASKS: dict[str, Callable[..., Task]] = {"affine": AffineTask, "rigid": AffineTask,

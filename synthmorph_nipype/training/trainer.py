@@ -37,7 +37,7 @@ from .config import TrainConfig
 from .data import LabelSource
 from .images import ImagePairs, image_files
 from .losses import one_hot
-from .tasks import TASKS, Pair, Task
+from .tasks import TASKS, Pair, Task, load_start
 
 STATE = "synthmorph-nipype-training"
 # settings a resumed run may change (everything else must match the checkpoint)
@@ -153,7 +153,8 @@ class Trainer:
         self.autocast = autocast_for(self.device, config.amp)
         kwargs = {"similarity": config.similarity}
         if config.model == "joint":
-            kwargs.update(regularizer=config.regularizer, steps=config.int_steps)
+            kwargs.update(regularizer=config.regularizer, steps=config.int_steps,
+                          prior_alpha=config.prior_alpha, penalty_weight=config.penalty_weight)
         self.detector = self.images = None
         task_name, model_config, init = config.model, config.model_config(), None
         if config.objective == "similarity":
@@ -163,14 +164,15 @@ class Trainer:
                 if not isinstance(init["deform"], HyperUNet):
                     raise ValueError(f"{config.init_weights}: holds no hypernetwork U-Net to "
                                      "fine-tune")
-                model_config = init["deform"].config
+                model_config = replace(init["deform"].config,
+                                       lambda_head=config.spatial_lambda)
                 if init["affine"] is not None:
                     self.detector = init["affine"].to(self.device).eval()
         with torch.random.fork_rng(devices=[]):  # the seed fixes the initial weights too
             torch.manual_seed(config.seed)
             self.task: Task = TASKS[task_name](model_config, **kwargs)
         if init is not None:
-            self.task.model.load_state_dict(init["deform"].state_dict())
+            load_start(self.task.model, init["deform"])
         self.task.model.to(self.device)
         if config.objective == "similarity":
             self.images = ImagePairs(image_files(config.images), config.extent, self.device)

@@ -1,0 +1,99 @@
+"""Spatially varying regularisation: the lambda head, its objective, training from a hyper
+U-Net, and the weight map through the engine and the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from synthmorph_nipype.models.joint import HyperUNet, UNetConfig
+from synthmorph_nipype.ops.regularity import beta_prior, grad_l2, grad_sq, weighted_grad_l2
+from synthmorph_nipype.synthesis.generator import SynthConfig
+from synthmorph_nipype.training.config import TrainConfig
+from synthmorph_nipype.training.data import LabelSource
+from synthmorph_nipype.training.tasks import DeformTask, load_start
+from synthmorph_nipype.training.trainer import make_pair
+
+WIDTHS = {"enc_nf": [8, 8, 8, 8], "dec_nf": [8, 8, 8, 8], "add_nf": [8]}
+
+
+def test_penalty_and_prior_against_direct_formulas():
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(1, 3, 6, 5, 4, generator=gen)
+    w = torch.rand(1, 1, 6, 5, 4, generator=gen)
+    # by hand: squared forward differences at voxel (i, j, k) towards (i+1, j, k) etc.
+    inner = u[..., :-1, :-1, :-1]
+    manual = ((u[..., 1:, :-1, :-1] - inner) ** 2 + (u[..., :-1, 1:, :-1] - inner) ** 2
+              + (u[..., :-1, :-1, 1:] - inner) ** 2).sum(1, keepdim=True) / 3
+    assert torch.allclose(grad_sq(u), manual)
+    assert torch.isclose(weighted_grad_l2(u, w), (w[..., :-1, :-1, :-1] * manual).mean())
+    # a uniform weight of 1 gives (about) the global penalty, summed over components
+    assert torch.isclose(weighted_grad_l2(u, torch.ones_like(w)), 3 * grad_l2(u), rtol=0.3)
+    lam = torch.rand(1, 1, 4, 4, 4, generator=gen).clamp_min(1e-3)
+    assert torch.isclose(beta_prior(lam, 3.0), -2.0 * lam.log().mean())
+    assert float(beta_prior(lam, 1.0)) == 0.0  # alpha 1: the uniform prior
+
+
+def test_optimal_weight_map_follows_the_deformation():
+    # with the field fixed, each voxel's weight minimises w g lam / N' + (1 - alpha) log lam
+    # / N (g its squared gradient, N' = (n-1)^3 voxels have one, N = n^3 a weight): lam* =
+    # min(1, (alpha - 1) N' / (w g N)), low where the field bends
+    n, alpha, weight = 16, 1.5, 20.0
+    i = torch.arange(n, dtype=torch.float32)
+    u = torch.zeros(1, 3, n, n, n)
+    u[0, 0] = (0.4 * torch.sin(i / 2.0))[None, None, :] * (i >= n // 2)[:, None, None]
+    logit = torch.zeros(1, 1, n, n, n, requires_grad=True)
+    opt = torch.optim.Adam([logit], lr=0.1)
+    for _ in range(400):
+        lam = torch.sigmoid(logit).clamp(1e-6, 1)
+        loss = weight * weighted_grad_l2(u, lam) + beta_prior(lam, alpha)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    lam = torch.sigmoid(logit.detach())[0, 0, :-1, :-1, :-1]
+    g = grad_sq(u)[0, 0]
+    expected = ((alpha - 1) * (n - 1) ** 3 / (weight * g * n**3)).clamp(max=1)
+    bent = g > 1e-3
+    assert bent.any() and (~bent).any()
+    assert torch.allclose(lam[bent], expected[bent], atol=0.03)
+    strong = expected < 0.5
+    assert int(strong.sum()) >= 50 and float(lam[strong].mean()) < 0.5
+    assert float(lam[~bent].min()) > 0.9
+
+
+def test_lambda_head_task_trains_the_head_and_the_field():
+    config = TrainConfig(model="joint", widths=WIDTHS, spatial_lambda=True, prior_alpha=1.2)
+    torch.manual_seed(0)
+    task = DeformTask(config.model_config(), prior_alpha=1.2, penalty_weight=5.0)
+    src = LabelSource((32,) * 3, 2.0, shapes_prob=1.0)
+    cfg = SynthConfig(voxel_size=2.0, flip_prob=0.0, warp_std_mm=4.0)
+    pair = make_pair(src, cfg, torch.Generator().manual_seed(3), torch.device("cpu"))
+    before = task.evaluate(pair)
+    assert abs(before["lambda_mean"] - 0.5) < 0.01  # the head starts at sigmoid(0)
+    loss, terms = task.loss(pair, torch.Generator().manual_seed(0))
+    loss.backward()
+    head = task.model.convs[-1]
+    # the head's channel and the velocity channels both receive gradients
+    assert float(head.weight.grad[3].abs().sum()) > 0
+    assert float(head.weight.grad[:3].abs().sum()) > 0
+    # the loss is the documented sum
+    with torch.no_grad():
+        d1, d2, lam_map = task.fields(pair, 0.5)
+    assert set(terms) == {"sim", "reg", "lambda"}
+    assert abs(terms["lambda"] - float(lam_map.mean())) < 1e-6
+    expected = terms["sim"] + 5.0 * terms["reg"] + float(beta_prior(lam_map, 1.2))
+    assert abs(float(loss.detach()) - expected) < 1e-5
+
+
+def test_a_lambda_head_model_starts_from_a_hyper_unet():
+    torch.manual_seed(1)
+    hyper = HyperUNet(UNetConfig.from_dict({**WIDTHS, "hyp_units": [4, 4]}))
+    spatial_config = dataclasses.replace(hyper.config, lambda_head=True)
+    task = DeformTask(spatial_config)
+    load_start(task.model, hyper, lam=0.5)
+    x = torch.rand(1, 2, 16, 16, 16)
+    with torch.no_grad():
+        expected = hyper(x, 0.5)
+        got = task.model(x)
+    assert got.shape[1] == 4 and torch.allclose(got[:, :3], expected, rtol=1e-4, atol=1e-3)
