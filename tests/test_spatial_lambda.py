@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from synthmorph_nipype.models.joint import HyperUNet, UNetConfig
@@ -97,3 +98,78 @@ def test_a_lambda_head_model_starts_from_a_hyper_unet():
         expected = hyper(x, 0.5)
         got = task.model(x)
     assert got.shape[1] == 4 and torch.allclose(got[:, :3], expected, rtol=1e-4, atol=1e-3)
+
+
+def test_train_and_register_with_a_lambda_map(nipype_pair, tmp_path, capsys):
+    import json
+
+    import nibabel as nb
+    import numpy as np
+
+    from synthmorph_nipype.cli.main import main
+    from synthmorph_nipype.engine.weights import load_models
+
+    cfg = tmp_path / "svr.json"
+    cfg.write_text(json.dumps({"widths": WIDTHS, "grid": 32, "shapes_prob": 1.0,
+                               "val_pairs": 1, "val_every": 2, "threads": 1, "amp": False}))
+    assert main(["train", "--model", "joint", "--config", str(cfg), "--steps", "2",
+                 "--spatial-lambda", "--prior-alpha", "1.5", "--out", str(tmp_path / "run"),
+                 "-q"]) == 0
+    weights = tmp_path / "run" / "model.pt"
+    assert load_models("deform", [weights]).deform.config.lambda_head
+    fixed = nb.load(nipype_pair["fixed"])
+    out = tmp_path / "lambda.nii.gz"
+    assert main(["register", "-m", "deform", "-e", "192", "-j", "1", "-w", str(weights),
+                 str(nipype_pair["moving"]), str(nipype_pair["fixed"]),
+                 "--out-lambda", str(out)]) == 0
+    lam = nb.load(out)
+    assert lam.shape == fixed.shape and np.allclose(lam.affine, fixed.affine)
+    data = lam.get_fdata()
+    assert 0 < data.min() and data.max() <= 1 and data.std() > 0
+    # a model without the head refuses, before writing anything
+    capsys.readouterr()
+    assert main(["register", "-m", "deform", "-e", "192", "-w", str(nipype_pair["weights"]),
+                 str(nipype_pair["moving"]), str(nipype_pair["fixed"]),
+                 "--out-lambda", str(tmp_path / "none.nii.gz")]) != 0
+    assert "no spatially varying regularisation" in capsys.readouterr().err
+    assert not (tmp_path / "none.nii.gz").exists()
+
+
+@pytest.mark.filterwarnings("ignore")  # pybids chatter
+def test_bids_app_writes_the_lambda_map_as_a_derivative(tmp_path):
+    import json
+
+    import nibabel as nb
+    from bids import BIDSLayout
+
+    from synthmorph_nipype.bids_app.cli import main as bids_main
+    from synthmorph_nipype.bids_app.demo import make_demo_dataset
+    from synthmorph_nipype.models import AffineConfig, AffineDetector
+    from synthmorph_nipype.models.checkpoint import save_checkpoint
+    from synthmorph_nipype.models.joint import UNet
+
+    torch.manual_seed(0)
+    weights = tmp_path / "svr.pt"
+    unet = UNet(UNetConfig.from_dict({**WIDTHS, "lambda_head": True}))
+    with torch.no_grad():
+        unet.convs[-1].weight.mul_(0.01)
+    save_checkpoint(weights, affine=AffineDetector(AffineConfig(
+        num_feat=6, enc_nf=(4, 5, 6, 7), add_nf=(7, 6, 5, 4))).eval(), deform=unet.eval())
+    bids = make_demo_dataset(tmp_path / "bids", n_subjects=1)
+    out = tmp_path / "out"
+    code = bids_main([str(bids), str(out), "participant", "-w", str(tmp_path / "work"),
+                      "--weights", str(weights), "--extent", "192", "--nprocs", "1",
+                      "--template", "MNI152NLin2009aSym:res-2", "--refine", "0",
+                      "--refine-affine", "0", "--contrasts", "T1w"])
+    assert code == 0
+    layout = BIDSLayout(str(out), config=["bids", "derivatives"], validate=False)
+    found = layout.get(subject="01", desc="lambda", extension=".nii.gz")
+    assert len(found) == 1
+    path = found[0].path
+    moved = layout.get(subject="01", desc="preproc", extension=".nii.gz")[0].path
+    lam, ref = nb.load(path), nb.load(moved)
+    assert lam.shape == ref.shape and 0 < lam.get_fdata().min()
+    with open(path.replace(".nii.gz", ".json")) as f:
+        sidecar = json.load(f)
+    assert "regularisation weight" in sidecar["Description"]
+

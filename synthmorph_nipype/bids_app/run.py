@@ -66,7 +66,8 @@ def run_participant(args) -> int:
         mode=args.mode, regularization=args.regularization, weights=weights,
         weights_info=info, use_gpu=args.use_gpu, omp_nthreads=_omp(args),
         extent=args.extent, refine=refine, refine_similarity=args.refine_similarity,
-        refine_affine=refine_affine)
+        refine_affine=refine_affine,
+        write_lambda=models.deform is not None and models.deform.config.lambda_head)
     wf.base_dir = str(work)
     crashdir = output_dir / "logs"
     wf.config["execution"].update({

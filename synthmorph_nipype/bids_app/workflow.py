@@ -36,6 +36,7 @@ def init_synthmorph_bids_wf(
     refine: int = 0,
     refine_similarity: str = "ncc",
     refine_affine: int = 0,
+    write_lambda: bool = False,
     name: str = "synthmorph_bids_wf",
 ) -> pe.Workflow:
     """All participants of a run, one sub-workflow each (``single_<label>_wf``).
@@ -46,7 +47,7 @@ def init_synthmorph_bids_wf(
     template : the resolved registration template.
     output_dir, bids_dir : derivatives root and raw dataset root.
     mode, regularization, weights, use_gpu, omp_nthreads, extent, refine, refine_similarity,
-    refine_affine
+    refine_affine, write_lambda
         Registration settings (see :func:`~synthmorph_nipype.workflows.init_synthmorph_wf`).
     weights_info : what the sidecars record about the model (name, checksum).
     """
@@ -57,7 +58,7 @@ def init_synthmorph_bids_wf(
             mode=mode, regularization=regularization, weights=weights,
             weights_info=weights_info or {}, use_gpu=use_gpu, omp_nthreads=omp_nthreads,
             extent=extent, refine=refine, refine_similarity=refine_similarity,
-            refine_affine=refine_affine)])
+            refine_affine=refine_affine, write_lambda=write_lambda)])
     return workflow
 
 
@@ -71,8 +72,8 @@ def _sink(name: str, output_dir, bids_dir, entities: dict, sources, metadata=Non
 def init_single_unit_wf(*, unit: Unit, template: Template, output_dir, bids_dir, mode: str,
                         regularization: float, weights, weights_info: dict, use_gpu: bool,
                         omp_nthreads: int, extent: int, refine: int = 0,
-                        refine_similarity: str = "ncc", refine_affine: int = 0
-                        ) -> pe.Workflow:
+                        refine_similarity: str = "ncc", refine_affine: int = 0,
+                        write_lambda: bool = False) -> pe.Workflow:
     """One subject/session: registration to the template, co-registrations, derivatives
     and the report."""
     workflow = pe.Workflow(name=f"single_{unit.label.replace('-', '_')}_wf")
@@ -90,7 +91,9 @@ def init_single_unit_wf(*, unit: Unit, template: Template, output_dir, bids_dir,
                                 extent=extent, regularization=regularization,
                                 weights=weights, refine=refine,
                                 refine_similarity=refine_similarity,
-                                refine_affine=refine_affine, name="template_reg_wf")
+                                refine_affine=refine_affine,
+                                write_lambda=write_lambda and mode in ("joint", "deform"),
+                                name="template_reg_wf")
     reg_wf.inputs.inputnode.moving_image = unit.reference
     reg_wf.inputs.inputnode.fixed_image = template.t1w
     ext = ".h5"  # fMRIPrep looks for .h5 composites, affine ones included
@@ -114,6 +117,13 @@ def init_single_unit_wf(*, unit: Unit, template: Template, output_dir, bids_dir,
         (to_h5, sinks["inv"], [("inverse", "in_file")]),
         (reg_wf, sinks["moved"], [("outputnode.moved_image", "in_file")]),
     ])
+    if write_lambda and mode in ("joint", "deform"):  # the weight map, in template space
+        ds_lambda = _sink("ds_std_lambda", output_dir, bids_dir,
+                          {**unit.entities, "space": template.name, **tpl_ent,
+                           "desc": "lambda", "suffix": ref}, [unit.reference],
+                          {**reg_meta, "Description": "voxel-wise regularisation weight "
+                           "of the spatially varying model, in (0, 1]"})
+        workflow.connect(reg_wf, "outputnode.lambda_map", ds_lambda, "in_file")
     report = pe.Node(niu.Function(function=_report, output_names=["out_report"]),
                      name="report", run_without_submitting=True)
     report.interface._always_run = True  # like the sinks: a rerun restores the report

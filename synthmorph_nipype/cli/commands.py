@@ -27,10 +27,11 @@ def _check_image_output(path: str) -> None:
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
-    for path in (args.out_moving, args.out_fixed, *args.trans, *args.inverse):
+    for path in (args.out_moving, args.out_fixed, args.out_lambda, *args.trans,
+                 *args.inverse):
         if path:
             OutputSet.check_writable(path)
-    for path in (args.out_moving, args.out_fixed):
+    for path in (args.out_moving, args.out_fixed, args.out_lambda):
         if path:
             _check_image_output(path)
     for path in (*args.trans, *args.inverse):
@@ -57,7 +58,8 @@ def _header_only(img, chain, command: str):
 
 def register(args: argparse.Namespace) -> None:
     """``synthmorph register``."""
-    if not any((args.out_moving, args.out_fixed, args.trans, args.inverse)):
+    if not any((args.out_moving, args.out_fixed, args.trans, args.inverse,
+                args.out_lambda)):
         raise SynthMorphError("nothing to write: give at least one of -o, -O, -t, -T")
     _check_outputs(args)
     set_threads(args.threads)
@@ -75,6 +77,10 @@ def register(args: argparse.Namespace) -> None:
             raise InputError(f"{args.init}: the initial transform must be affine")
     files = find_weights(args.mode, args.weights)
     models = load_models(args.mode, files, lam=args.lam)
+    if args.out_lambda and not (models.deform is not None
+                                and models.deform.config.lambda_head):
+        raise SynthMorphError(f"{args.out_lambda}: the {args.mode} model has no spatially "
+                              "varying regularisation (no lambda map to write)")
     start = time.perf_counter()
     outputs = tuple(name for name, wanted in (("forward", args.trans or args.out_moving),
                                               ("inverse", args.inverse or args.out_fixed))
@@ -98,6 +104,8 @@ def register(args: argparse.Namespace) -> None:
                 moved = _header_only(img, chain, "register") if args.header_only else resample(
                     img, chain, grid)
                 save_image(moved, out.temp(path))
+        if args.out_lambda:
+            save_image(result.lambda_map, out.temp(args.out_lambda))
     print(f"synthmorph register: {args.mode} registration done in {elapsed:.1f} s on {device}")
     if "refine_affine_loss" in result.info:
         losses = result.info["refine_affine_loss"]

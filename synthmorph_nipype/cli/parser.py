@@ -67,6 +67,9 @@ def build_parser() -> Parser:
                      help="output transform, MOVING to FIXED; repeat for several formats")
     reg.add_argument("-T", "--inverse", metavar="INV", action="append",
                      help="output inverse transform; repeat for several formats")
+    reg.add_argument("--out-lambda", metavar="LAMBDA_MAP",
+                     help="models with spatially varying regularisation: write their "
+                     "voxel-wise regularisation weight on FIXED's grid")
     reg.add_argument("-H", "--header-only", action="store_true",
                      help="-o/-O by changing the header, no resampling (affine, rigid)")
     reg.add_argument("-i", "--init", metavar="INIT", help="initial affine transform (any format)")
@@ -163,6 +166,14 @@ def build_parser() -> Parser:
                     "one); its detector aligns the pairs")
     tr.add_argument("--similarity", choices=("label_mse", "dice", "ncc", "mse", "mind"),
                     default=None, help="training similarity (images: ncc, mse or mind)")
+    tr.add_argument("--spatial-lambda", action="store_true",
+                    help="joint: spatially varying regularisation (a voxel-wise lambda head "
+                    "instead of the hypernetwork; Chen et al.)")
+    tr.add_argument("--prior-alpha", type=float, metavar="ALPHA",
+                    help="spatial lambda: alpha of the Beta(alpha, 1) prior (default 2)")
+    tr.add_argument("--penalty-weight", type=float, metavar="W",
+                    help="spatial lambda: weight of the lambda-weighted gradient penalty "
+                    "(default 1)")
     tr.add_argument("--max-minutes", type=float, metavar="M",
                     help="stop (checkpoint and export) after M minutes; run again to resume")
     tr.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")

@@ -55,7 +55,9 @@ def train(args: argparse.Namespace) -> None:
                       device=args.device, threads=args.threads,
                       affine_weights=args.affine_weights, objective=args.objective,
                       images=args.images, init_weights=args.init_weights,
-                      similarity=args.similarity)
+                      similarity=args.similarity,
+                      spatial_lambda=True if args.spatial_lambda else None,
+                      prior_alpha=args.prior_alpha, penalty_weight=args.penalty_weight)
     for path in (cfg.init_weights, cfg.images):
         if path and not Path(path).exists():
             raise SynthMorphError(f"{path}: not found")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..models.affine import AffineDetector, centred_to_index, index_to_centred, sqrtm
-from ..models.joint import UNet
+from ..models.joint import UNet, split_lambda
 from ..ops.grid import affine_points, voxel_grid
 from ..ops.integrate import integrate_svf
 from ..ops.sampling import sample_linear
@@ -32,6 +32,10 @@ class NetworkOutput:
     out_2: np.ndarray | torch.Tensor
     affine_1: np.ndarray  # the affine part of out_1 in full-resolution network indices
     stages: dict = field(default_factory=dict)  # intermediate arrays, for inspection
+    # spatially varying models: the weight map on the mid-space half-resolution grid, and
+    # the map from that grid to the fixed image's full-resolution network indices
+    lambda_map: torch.Tensor | None = None
+    lambda_to_fixed: np.ndarray | None = None
 
 
 def _batch(x: torch.Tensor) -> torch.Tensor:
@@ -67,12 +71,15 @@ def run_affine(detector: AffineDetector, inp_1: torch.Tensor, inp_2: torch.Tenso
     return NetworkOutput(out_1, out_2, out_1, stages)
 
 
-def _svf(unet: UNet, half_1: torch.Tensor, half_2: torch.Tensor) -> torch.Tensor:
-    """Symmetrised SVF, channels last: ``0.5 * (f(1, 2) - f(2, 1))``; run one direction at a
-    time so the two passes never hold their activations together."""
-    a = unet(torch.cat([_batch(half_1), _batch(half_2)], 1))[0]
-    b = unet(torch.cat([_batch(half_2), _batch(half_1)], 1))[0]
-    return (0.5 * (a - b)).permute(1, 2, 3, 0).contiguous()
+def _svf(unet: UNet, half_1: torch.Tensor, half_2: torch.Tensor
+         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Symmetrised SVF, channels last: ``0.5 * (f(1, 2) - f(2, 1))``, and the mean of the
+    two passes' weight maps ``(X, Y, Z)`` for a U-Net with a lambda head (else None); run
+    one direction at a time so the two passes never hold their activations together."""
+    a, lam_a = split_lambda(unet(torch.cat([_batch(half_1), _batch(half_2)], 1)))
+    b, lam_b = split_lambda(unet(torch.cat([_batch(half_2), _batch(half_1)], 1)))
+    lam = None if lam_a is None else (0.5 * (lam_a + lam_b))[0, 0]
+    return (0.5 * (a - b))[0].permute(1, 2, 3, 0).contiguous(), lam
 
 
 def _half_total(disp: torch.Tensor, half_aff: np.ndarray) -> torch.Tensor:
@@ -139,7 +146,7 @@ def run_deformable(unet: UNet, inp_1: torch.Tensor, inp_2: torch.Tensor, *, step
     stages: dict = {}
     def_1, def_2, half_aff_1, half_aff_2, affine_1 = deformable_inputs(
         inp_1, inp_2, detector, refine_affine, stages)
-    svf = _svf(unet, def_1, def_2)
+    svf, lam_map = _svf(unet, def_1, def_2)
     if refine > 0:
         svf, history = refine_svf(svf, def_1, def_2, iterations=refine, lam=lam,
                                   similarity=similarity, steps=steps, pool=REFINE_POOL)
@@ -151,4 +158,5 @@ def run_deformable(unet: UNet, inp_1: torch.Tensor, inp_2: torch.Tensor, *, step
                    "def_inp_2": def_2, "svf_1": svf, "half_def_1": disp_1,
                    "half_def_2": disp_2, "half_tot_1": tot_1, "half_tot_2": tot_2}
     del disp_1, disp_2, svf
-    return NetworkOutput(_full_res(tot_1, extent), _full_res(tot_2, extent), affine_1, stages)
+    return NetworkOutput(_full_res(tot_1, extent), _full_res(tot_2, extent), affine_1, stages,
+                         lam_map, None if lam_map is None else half_aff_2)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import nibabel as nb
 import numpy as np
 import torch
 
 from ..errors import SynthMorphError
 from ..io.images import image_data
+from ..ops.grid import affine_points
+from ..ops.sampling import sample_linear
 from ..transforms.base import Affine, Chain, DisplacementField, ImageGrid, Transform
 from .compose import push_field, residual_field, world_field, world_matrix
 from .conform import conform
@@ -40,6 +43,8 @@ class Registration:
     forward: Chain | None
     inverse: Chain | None
     info: dict = field(default_factory=dict)
+    # models with spatially varying regularisation: the voxel-wise weight, on FIXED's grid
+    lambda_map: nb.Nifti1Image | None = None
 
 
 def pick_device(gpu: bool | None = None) -> torch.device:
@@ -137,6 +142,12 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
     affine = Affine(world_matrix(out.affine_1, mov_net2ras, fix_ras2net))
     if mode == "deform":
         affine = init_affine
+    lam_img = None
+    if out.lambda_map is not None:  # fixed voxel -> fixed network index -> mid-space grid
+        to_mid = np.linalg.inv(out.lambda_to_fixed) @ fix_ras2net @ fix.affine
+        pts = affine_points(to_mid, fix.shape, device=out.lambda_map.device)
+        lam = sample_linear(out.lambda_map, pts, boundary="clamp").cpu().numpy()
+        lam_img = nb.Nifti1Image(lam.astype(np.float32), fix.affine)
     forward = inverse = None
     if "forward" in outputs:
         total_fw = world_field(out.out_1, mov_net2ras, fix_ras2net @ fix.affine, fix.affine,
@@ -150,4 +161,4 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
         bw_res = push_field(total_bw, mov.affine, affine.matrix, mov.shape)
         del total_bw
         inverse = Chain([affine.inverse(), DisplacementField(mov, bw_res)])
-    return Registration(mode, mov, fix, forward, inverse, info)
+    return Registration(mode, mov, fix, forward, inverse, info, lam_img)

@@ -114,6 +114,9 @@ class SynthMorphRegisterInputSpec(_SynthMorphInputSpec):
                                  desc="test-time refinement steps of the affine (unset: "
                                  "what the weights recommend)")
     write_moved = traits.Bool(True, usedefault=True, desc="write MOVING resampled on FIXED")
+    write_lambda = traits.Bool(False, usedefault=True,
+                               desc="write the voxel-wise regularisation weight of a model "
+                               "with spatially varying regularisation (on FIXED's grid)")
     write_inverse_moved = traits.Bool(False, usedefault=True,
                                       desc="write FIXED resampled on MOVING")
     use_gpu = traits.Bool(False, usedefault=True, nohash=True,
@@ -129,6 +132,7 @@ class SynthMorphRegisterOutputSpec(TraitedSpec):
     inverse_lta = File(desc="FIXED to MOVING as FreeSurfer LTA (affine modes only)")
     moved_image = File(desc="MOVING resampled onto FIXED")
     inverse_moved_image = File(desc="FIXED resampled onto MOVING")
+    lambda_map = File(desc="voxel-wise regularisation weight on FIXED's grid (write_lambda)")
     elapsed_s = traits.Float(desc="registration time reported by synthmorph (no start-up, "
                              "no I/O)")
     device = traits.Str(desc="where the networks ran (cpu, cuda)")
@@ -162,6 +166,8 @@ class SynthMorphRegister(CommandLine):
             names["moved_image"] = "moved.nii.gz"
         if self.inputs.write_inverse_moved:
             names["inverse_moved_image"] = "inverse_moved.nii.gz"
+        if self.inputs.write_lambda:
+            names["lambda_map"] = "lambda_map.nii.gz"
         return {k: str(cwd / v) for k, v in names.items()}
 
     def _parse_inputs(self, skip=None):
@@ -175,6 +181,8 @@ class SynthMorphRegister(CommandLine):
             extra.append(f"-o {out['moved_image']}")
         if "inverse_moved_image" in out:
             extra.append(f"-O {out['inverse_moved_image']}")
+        if "lambda_map" in out:
+            extra.append(f"--out-lambda {out['lambda_map']}")
         return args[:-2] + extra + args[-2:]
 
     def _run_interface(self, runtime, correct_return_codes=(0,)):

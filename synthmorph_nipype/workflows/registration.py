@@ -40,6 +40,7 @@ def init_synthmorph_wf(
     refine: int | None = None,
     refine_similarity: str = "ncc",
     refine_affine: int | None = None,
+    write_lambda: bool = False,
     name: str = "synthmorph_wf",
 ) -> pe.Workflow:
     """Register a moving image to a fixed one with SynthMorph.
@@ -81,6 +82,9 @@ def init_synthmorph_wf(
     refine_affine : :obj:`int` or None
         Test-time refinement steps of the affine node (0: the network's matrix; None:
         what the weights recommend).
+    write_lambda : :obj:`bool`
+        Deformable modes with a spatially varying model: also output its voxel-wise
+        regularisation weight (``outputnode.lambda_map``, on the fixed grid).
     name : :obj:`str`
         Workflow name.
 
@@ -105,6 +109,8 @@ def init_synthmorph_wf(
         Fixed to moving, ITK.
     moved_image
         The (masked) moving image resampled onto the fixed grid.
+    lambda_map
+        With ``write_lambda``: the model's voxel-wise regularisation weight.
 
     >>> wf = init_synthmorph_wf(mode="joint", omp_nthreads=2)
     >>> sorted(n for n in wf.list_node_names())  # doctest: +NORMALIZE_WHITESPACE
@@ -119,7 +125,8 @@ def init_synthmorph_wf(
         fields=["moving_image", "fixed_image", "moving_mask", "init_transform"]),
         name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(
-        fields=["forward_transform", "inverse_transform", "moved_image"]), name="outputnode")
+        fields=["forward_transform", "inverse_transform", "moved_image", "lambda_map"]),
+        name="outputnode")
     mask_moving = pe.Node(ApplyMask(), name="mask_moving", run_without_submitting=True)
     common = dict(use_gpu=use_gpu, omp_nthreads=omp_nthreads, extent=extent,
                   regularization=regularization, weights=weights)
@@ -145,6 +152,9 @@ def init_synthmorph_wf(
         if refine is not None:
             deform_reg.inputs.refine = refine
         deform_reg.inputs.refine_similarity = refine_similarity
+        deform_reg.inputs.write_lambda = write_lambda
+        if write_lambda:
+            workflow.connect(deform_reg, "lambda_map", outputnode, "lambda_map")
         workflow.connect([
             (mask_moving, deform_reg, [("out_file", "moving_image")]),
             (inputnode, deform_reg, [("fixed_image", "fixed_image")]),
