@@ -92,3 +92,30 @@ def test_image_lists_need_two_images(image_dir, tmp_path):
     with pytest.raises(ValueError, match="2 mm grid"):
         TrainConfig(model="joint", objective="similarity", images="x", voxel_mm=4.0)
     torch.manual_seed(0)
+
+
+def test_fine_tuning_starts_from_freesurfer_keras_weights(image_dir, tiny_weights, tmp_path):
+    from test_models import def_arrays, write_deform_file
+
+    from synthmorph_nipype.models.keras import load_keras
+
+    dense, hyper = def_arrays()
+    h5 = tmp_path / "deform.h5"
+    write_deform_file(h5, dense, hyper)
+    official = load_keras(h5, lam=None).deform
+    # the Keras deformable weights with our detector (.pt) for the alignment
+    trainer = Trainer(config(image_dir, tiny_weights["joint"], steps=1,
+                             init_weights=[str(h5), str(tiny_weights["joint"])]),
+                      tmp_path / "run")
+    mine = trainer.task.model.state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in official.state_dict().items())
+    assert trainer.detector is not None
+    # a spatially varying model can start from them too: the velocity channels agree
+    svr = Trainer(config(image_dir, tiny_weights["joint"], steps=1, init_weights=[str(h5)],
+                         spatial_lambda=True), tmp_path / "svr")
+    x = torch.rand(1, 2, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(svr.task.model(x)[:, :3], official(x, 0.5), rtol=1e-4,
+                              atol=1e-4)
+    with pytest.raises(ValueError, match="holds no hypernetwork U-Net"):
+        Trainer(config(image_dir, tiny_weights["affine"]), tmp_path / "bad")

@@ -161,9 +161,10 @@ def build_parser() -> Parser:
                     "with an image similarity (VoxelMorph-style fine-tuning)")
     tr.add_argument("--images", metavar="DIR_OR_BIDS",
                     help="similarity objective: a folder, BIDS dataset or list of images")
-    tr.add_argument("--init-weights", metavar="PT",
-                    help="similarity objective: start from this joint model (e.g. the embedded "
-                    "one); its detector aligns the pairs")
+    tr.add_argument("--init-weights", metavar="WEIGHTS", nargs="+",
+                    help="similarity objective: start from this joint model (the embedded "
+                    ".pt, or FreeSurfer's synthmorph.affine.2.h5 synthmorph.deform.3.h5); "
+                    "its detector aligns the pairs")
     tr.add_argument("--similarity", choices=("label_mse", "dice", "ncc", "mse", "mind"),
                     default=None, help="training similarity (images: ncc, mse or mind)")
     tr.add_argument("--spatial-lambda", action="store_true",

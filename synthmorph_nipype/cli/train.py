@@ -58,7 +58,8 @@ def train(args: argparse.Namespace) -> None:
                       similarity=args.similarity,
                       spatial_lambda=True if args.spatial_lambda else None,
                       prior_alpha=args.prior_alpha, penalty_weight=args.penalty_weight)
-    for path in (cfg.init_weights, cfg.images):
+    starts = [cfg.init_weights] if isinstance(cfg.init_weights, str) else cfg.init_weights
+    for path in (*(starts or []), cfg.images):
         if path and not Path(path).exists():
             raise SynthMorphError(f"{path}: not found")
     if cfg.model == "joint" and cfg.affine_weights and not Path(cfg.affine_weights).is_file():

@@ -83,7 +83,7 @@ class TrainConfig:
     # detector aligns the pairs)
     objective: str = "synthetic"
     images: str | None = None
-    init_weights: str | None = None
+    init_weights: str | list[str] | None = None
     extent: int = 192
 
     def __post_init__(self):

@@ -32,6 +32,7 @@ from ..engine.register import pick_device, set_threads
 from ..io.atomic import OutputSet
 from ..models.checkpoint import load_checkpoint, save_checkpoint
 from ..models.joint import HyperUNet
+from ..models.keras import load_keras
 from ..synthesis.generator import SynthConfig, sample_pair
 from .config import TrainConfig
 from .data import LabelSource
@@ -43,6 +44,25 @@ STATE = "synthmorph-nipype-training"
 # settings a resumed run may change (everything else must match the checkpoint)
 RESUMABLE = {"steps", "threads", "device", "val_every", "ckpt_every", "affine_weights",
              "lr_decay_start", "lr_final"}
+
+
+def starting_weights(paths: str | list[str]) -> dict:
+    """The detector (if any) and hyper U-Net that fine-tuning starts from: one or more
+    files, our ``.pt`` or FreeSurfer's Keras ``.h5`` (e.g. ``synthmorph.affine.2.h5`` and
+    ``synthmorph.deform.3.h5``); the first file holding each part wins."""
+    found: dict = {"affine": None, "deform": None}
+    for path in [paths] if isinstance(paths, str) else paths:
+        if str(path).endswith((".pt", ".pth")):
+            parts = load_checkpoint(path)
+        else:
+            keras = load_keras(path, lam=None)
+            parts = {"affine": keras.affine, "deform": keras.deform}
+        for key in found:
+            found[key] = found[key] or parts[key]
+    if not isinstance(found["deform"], HyperUNet):
+        names = paths if isinstance(paths, str) else ", ".join(paths)
+        raise ValueError(f"{names}: holds no hypernetwork U-Net to fine-tune")
+    return found
 
 
 def autocast_for(device: torch.device, amp: str | bool):
@@ -160,10 +180,7 @@ class Trainer:
         if config.objective == "similarity":
             task_name = "images"
             if config.init_weights:
-                init = load_checkpoint(config.init_weights)
-                if not isinstance(init["deform"], HyperUNet):
-                    raise ValueError(f"{config.init_weights}: holds no hypernetwork U-Net to "
-                                     "fine-tune")
+                init = starting_weights(config.init_weights)
                 model_config = replace(init["deform"].config,
                                        lambda_head=config.spatial_lambda)
                 if init["affine"] is not None:
