@@ -598,16 +598,20 @@ def _call(cmd: Sequence[str], ctx: Context, log) -> None:
 class SynthMorph(Method):
     """``synthmorph register`` (this package), run as its own process."""
 
-    def __init__(self, mode: str, suffix: str = "", extra: Sequence[str] = ()):
+    def __init__(self, mode: str, suffix: str = "", extra: Sequence[str] = (),
+                 weights: str | None = None):
         self.mode, self.name = mode, f"synthmorph-{mode}{suffix}"
         self.kind = "affine" if mode in ("affine", "rigid") else "deformable"
         self.extra = list(extra)
+        self.weights_key = weights or mode  # which --weights-* option gives its weights
 
     def _cli(self) -> list[str]:
         return [sys.executable, "-m", "synthmorph_nipype.cli.main"]
 
     def check(self, ctx: Context) -> str | None:
-        given = ctx.weights.get(self.mode)
+        given = ctx.weights.get(self.weights_key)
+        if self.weights_key != self.mode and not given:
+            return f"give its weights with --weights-{self.weights_key.replace('_', '-')}"
         if given:
             missing = [w for w in given if not Path(w).is_file()]
             return f"weights not found: {', '.join(missing)}" if missing else None
@@ -632,7 +636,7 @@ class SynthMorph(Method):
                              "-m", self.mode, "-t", str(run / "fwd.h5"),
                              "-o", str(run / "moved.nii.gz"), "-j", str(ctx.threads),
                              "-e", str(ctx.extent), "-g" if ctx.gpu else "--cpu"]
-        for w in ctx.weights.get(self.mode) or []:
+        for w in ctx.weights.get(self.weights_key) or []:
             cmd += ["-w", str(w)]
         return cmd + self.extra
 
@@ -773,13 +777,20 @@ METHODS: dict[str, Callable[[], Method]] = {
     "synthmorph-affine": lambda: SynthMorph("affine"),
     "synthmorph-joint-net": lambda: SynthMorph("joint", "-net", NO_REFINEMENT),
     "synthmorph-affine-net": lambda: SynthMorph("affine", "-net", ["--refine-affine", "0"]),
-    "synthmorph-joint-refine100": lambda: SynthMorph("joint", "-refine100", ["--refine", "100"]),
+    "synthmorph-joint-refine50": lambda: SynthMorph("joint", "-refine50", ["--refine", "50"]),
+    "synthmorph-joint-refine200": lambda: SynthMorph("joint", "-refine200", ["--refine", "200"]),
+    # other joint models (give them with --weights-joint-finetuned / --weights-joint-svr)
+    "synthmorph-joint-finetuned": lambda: SynthMorph("joint", "-finetuned", weights="finetuned"),
+    "synthmorph-joint-svr": lambda: SynthMorph("joint", "-svr", weights="svr"),
     "ants-syn": lambda: Ants("SyN"),
     "ants-affine": lambda: Ants("Affine"),
     "elastix": lambda: Elastix(affine_only=False),
     "elastix-affine": lambda: Elastix(affine_only=True),
 }
 
+
+DEFAULT_METHODS = ["synthmorph-joint", "synthmorph-affine", "ants-syn", "ants-affine",
+                   "elastix", "elastix-affine"]
 
 # ---------------------------------------------------------------------------- running
 
@@ -976,6 +987,18 @@ def _comma_list(choices: Sequence[str]):
     return parse
 
 
+def write_training_set(root: Path, count: int, resolution: int) -> None:
+    """``count`` T1 'subjects' for VoxelMorph-style fine-tuning: the template through
+    random affines and warps, with scanner effects, drawn from seeds no pair uses."""
+    tpl = load_template(resolution)
+    root.mkdir(parents=True, exist_ok=True)
+    for k in range(count):
+        rng = np.random.default_rng(1_000_000 + k)
+        image, _, affine = make_image(tpl, Side(deform=_deformed(rng, tpl, True)), rng)
+        save_nifti(image, affine, root / f"sub-{k:02d}_T1w.nii.gz")
+    print(f"wrote {count} training images to {root}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse options, make the pairs, run every method on every pair, write the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -984,8 +1007,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="template resolution in mm (default 1; 2 with --quick)")
     parser.add_argument("--repeats", type=int, help="runs per (pair, method) (default 3; "
                         "1 with --quick)")
-    parser.add_argument("--methods", type=_comma_list(list(METHODS)), default=list(METHODS),
-                        help=f"comma list of {', '.join(METHODS)} (default: all)")
+    parser.add_argument("--methods", type=_comma_list(list(METHODS)), default=DEFAULT_METHODS,
+                        help=f"comma list of {', '.join(METHODS)} (default: "
+                        f"{', '.join(DEFAULT_METHODS)})")
     parser.add_argument("--pairs", type=_comma_list(list(PAIRS)), default=list(PAIRS),
                         help=f"comma list of {', '.join(PAIRS)} (default: all)")
     parser.add_argument("--threads", type=int, default=2, help="threads for every method")
@@ -998,6 +1022,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "package's own weights)")
     parser.add_argument("--weights-joint", action="append", metavar="FILE",
                         help="synthmorph -w for synthmorph-joint (repeatable)")
+    parser.add_argument("--weights-finetuned", action="append", metavar="FILE",
+                        help="synthmorph -w for synthmorph-joint-finetuned")
+    parser.add_argument("--weights-svr", action="append", metavar="FILE",
+                        help="synthmorph -w for synthmorph-joint-svr")
     parser.add_argument("--ants-python", type=Path, default=Path(
         os.environ.get("ANTS_VENV", "/work/bench/ants-venv")) / "bin" / "python",
         help="Python of the ANTsPy venv (default: $ANTS_VENV/bin/python, "
@@ -1005,14 +1033,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--gpu", action="store_true",
                         help="run the synthmorph methods on the GPU (default: CPU, like the peers)")
     parser.add_argument("--keep", action="store_true", help="keep each run's output files")
+    parser.add_argument("--training-set", type=int, metavar="N",
+                        help="instead of benchmarking, write N deformed template subjects to "
+                        "OUT (images for `synthmorph train --objective similarity`)")
     args = parser.parse_args(argv)
     resolution = args.resolution or (2 if args.quick else 1)
+    if args.training_set:
+        write_training_set(args.out, args.training_set, resolution)
+        return
     repeats = args.repeats or (1 if args.quick else 3)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     ctx = Context(threads=args.threads, quick=args.quick,
                   extent=args.extent or (192 if args.quick else 256),
-                  weights={"affine": args.weights_affine, "joint": args.weights_joint},
+                  weights={"affine": args.weights_affine, "joint": args.weights_joint,
+                           "finetuned": args.weights_finetuned, "svr": args.weights_svr},
                   ants_python=args.ants_python, work=out, gpu=args.gpu)
 
     methods, skipped = {}, {}
