@@ -291,6 +291,9 @@ def _prepare_case(name, inputs, tiny_weights, tmp_path):
         (out / "existing_dir").mkdir()
     argv = [str(a) for a in make(inputs, tiny_weights, out)]
     extra = {"FREESURFER_HOME": str(inputs[env])} if env else {}
+    if name.startswith("no_weights"):  # hide the embedded models behind an empty site folder
+        (tmp_path / "no_site").mkdir()
+        extra["SYNTHMORPH_WEIGHTS_DIR"] = str(tmp_path / "no_site")
     return argv, expected, extra, out
 
 

@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--refine-affine", type=_non_negative, metavar="N",
                    help="test-time refinement steps of the affine (default: what the weights "
                    "recommend)")
-    r.add_argument("--refine-similarity", default="ncc", choices=("ncc", "mse", "mind"),
-                   help="image similarity of the refinement (default: ncc)")
+    r.add_argument("--refine-similarity", choices=("ncc", "mse", "mind"),
+                   help="image similarity of the refinement (default: what the weights "
+                   "recommend, else ncc)")
     r.add_argument("--use-gpu", action="store_true",
                    help="registration nodes are GPU nodes (CUDA when present)")
     e = p.add_argument_group("execution")

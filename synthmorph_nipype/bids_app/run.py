@@ -50,6 +50,7 @@ def run_participant(args) -> int:
     # the same, and the sidecars say what ran
     refine = models.refine if args.refine is None else args.refine
     refine_affine = models.refine_affine if args.refine_affine is None else args.refine_affine
+    similarity = args.refine_similarity or models.refine_similarity
     work = Path(args.work_dir).resolve()
     try:
         template = resolve_template(args.template, work / "templates")
@@ -65,7 +66,7 @@ def run_participant(args) -> int:
         units=units, template=template, output_dir=output_dir, bids_dir=args.bids_dir,
         mode=args.mode, regularization=args.regularization, weights=weights,
         weights_info=info, use_gpu=args.use_gpu, omp_nthreads=_omp(args),
-        extent=args.extent, refine=refine, refine_similarity=args.refine_similarity,
+        extent=args.extent, refine=refine, refine_similarity=similarity,
         refine_affine=refine_affine,
         write_lambda=models.deform is not None and models.deform.config.lambda_head)
     wf.base_dir = str(work)

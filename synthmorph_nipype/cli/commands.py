@@ -113,7 +113,7 @@ def register(args: argparse.Namespace) -> None:
               f"{losses[-1]:.4f} in {result.info['refine_affine']} steps per level")
     if "refine_loss" in result.info:
         losses = result.info["refine_loss"]
-        print(f"synthmorph register: refinement ({args.refine_similarity}) loss "
+        print(f"synthmorph register: refinement ({result.info['refine_similarity']}) loss "
               f"{losses[0]:.4f} -> {losses[-1]:.4f} in {result.info['refine']} steps")
 
 

@@ -87,9 +87,9 @@ def build_parser() -> Parser:
                      help="deformable modes: optimise the predicted field on the pair for N "
                      "steps on a 4 mm grid (test-time refinement; default: what the weights "
                      "recommend - the embedded models' model card; 0 for FreeSurfer's)")
-    reg.add_argument("--refine-similarity", default="ncc", choices=("ncc", "mse", "mind"),
-                     help="image similarity of the refinement: local NCC (default), MSE, or "
-                     "MIND across contrasts")
+    reg.add_argument("--refine-similarity", choices=("ncc", "mse", "mind"),
+                     help="image similarity of the refinement: local NCC, MSE, or MIND "
+                     "across contrasts (default: what the weights recommend, else ncc)")
     reg.add_argument("--refine-affine", type=_non_negative, metavar="N",
                      help="affine, rigid and joint modes: optimise the predicted matrix on "
                      "the pair for N steps per level (4 mm, then 2 mm) on a MIND similarity; "

@@ -66,7 +66,7 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
              steps: int = 7, init: Transform | None = None,
              device: torch.device | str = "cpu",
              outputs: tuple[str, ...] = ("forward", "inverse"), refine: int | None = None,
-             lam: float = 0.5, similarity: str = "ncc",
+             lam: float = 0.5, similarity: str | None = None,
              refine_affine: int | None = None) -> Registration:
     """Register ``moving`` to ``fixed`` (nibabel images, any orientation and voxel size).
 
@@ -87,7 +87,8 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
     refine, lam, similarity : test-time refinement of the deformable step: that many
         optimisation steps of ``(1 - lam) * similarity + lam * Grad-l2`` on the pair
         (``similarity``: ``ncc``, ``mse`` or ``mind``) on a 4 mm grid; ``None`` takes what
-        the weights recommend (``models.refine``), 0 keeps the network's field.
+        the weights recommend (``models.refine``, ``models.refine_similarity``), 0 keeps
+        the network's field.
     refine_affine : test-time refinement of the affine (or rigid) matrix, steps per level
         of a 4 mm / 2 mm pyramid on a symmetric MIND similarity (works across contrasts);
         ``None`` takes what the weights recommend (``models.refine_affine``: 0 for
@@ -118,6 +119,8 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
         refine_affine = models.refine_affine
     if refine is None:
         refine = models.refine if mode in ("deform", "joint") else 0
+    if similarity is None:
+        similarity = models.refine_similarity
     info = {"mode": mode, "extent": extent, "steps": steps, "device": str(device)}
     if refine_affine and mode != "deform":
         info["refine_affine"] = refine_affine

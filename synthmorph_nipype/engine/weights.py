@@ -43,6 +43,7 @@ class Models:
     # step (their checkpoint's ``refine_affine`` / ``refine`` metadata; FreeSurfer's: none)
     refine_affine: int = 0
     refine: int = 0
+    refine_similarity: str = "ncc"
 
     def to(self, device) -> Models:
         for m in (self.affine, self.deform):
@@ -83,6 +84,7 @@ def load_models(mode: str, files: list[Path], *, lam: float = 0.5) -> Models:
     rigid = mode == "rigid"
     affine = deform = None
     refine_affine = refine = 0
+    similarity = "ncc"
     for path in files:
         if not Path(path).is_file():
             raise WeightsError(f"{path}: weights file not found")
@@ -93,6 +95,7 @@ def load_models(mode: str, files: list[Path], *, lam: float = 0.5) -> Models:
                 refine_affine = int(parts["meta"].get("refine_affine", 0))
             if found_deform is not None and want_deform and deform is None:
                 refine = int(parts["meta"].get("refine", 0))
+                similarity = str(parts["meta"].get("refine_similarity", "ncc"))
             if isinstance(found_deform, HyperUNet) and want_deform:
                 found_deform = found_deform.specialize(lam)
         else:
@@ -112,4 +115,5 @@ def load_models(mode: str, files: list[Path], *, lam: float = 0.5) -> Models:
                            f"mode '{mode}' needs one")
     if affine is not None and affine.config.rigid != rigid:
         affine.config = dataclasses.replace(affine.config, rigid=rigid)
-    return Models(affine, deform, tuple(str(f) for f in files), refine_affine, refine)
+    return Models(affine, deform, tuple(str(f) for f in files), refine_affine, refine,
+                  similarity)

@@ -38,7 +38,7 @@ def init_synthmorph_wf(
     regularization: float = 0.5,
     weights: Sequence[str] | None = None,
     refine: int | None = None,
-    refine_similarity: str = "ncc",
+    refine_similarity: str | None = None,
     refine_affine: int | None = None,
     write_lambda: bool = False,
     name: str = "synthmorph_wf",
@@ -77,8 +77,9 @@ def init_synthmorph_wf(
     refine : :obj:`int` or None
         Test-time refinement steps of the deformable node (0: the network's field; None:
         what the weights recommend).
-    refine_similarity : :obj:`str`
-        ``ncc``, ``mse`` or ``mind`` (across contrasts), for ``refine``.
+    refine_similarity : :obj:`str` or None
+        ``ncc``, ``mse`` or ``mind`` (across contrasts), for ``refine`` (None: what the
+        weights recommend).
     refine_affine : :obj:`int` or None
         Test-time refinement steps of the affine node (0: the network's matrix; None:
         what the weights recommend).
@@ -151,7 +152,8 @@ def init_synthmorph_wf(
         deform_reg = registration_node("deform", name="deform_reg", **common)
         if refine is not None:
             deform_reg.inputs.refine = refine
-        deform_reg.inputs.refine_similarity = refine_similarity
+        if refine_similarity is not None:
+            deform_reg.inputs.refine_similarity = refine_similarity
         deform_reg.inputs.write_lambda = write_lambda
         if write_lambda:
             workflow.connect(deform_reg, "lambda_map", outputnode, "lambda_map")
