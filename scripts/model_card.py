@@ -110,7 +110,8 @@ def main(runs: list[str]) -> None:
            "(`benchmarks/accuracy.py`): on par with ANTsPy SyN for T1 subject-to-template "
            "and cross-subject pairs, affine error 0.5 mm across contrasts, but worse than "
            "SyN on a T2-like pair and failing (12 mm) for a head against a skull-stripped "
-           "template, where the image-similarity refinement matches head to brain outline: "
+           "template (the detector alone is 8 mm off, and the image-similarity refinement "
+           "matches head to brain outline): "
            "skull-strip first, or use FreeSurfer's weights.", ""]
     for spec in runs:  # RUN or RUN:MODEL (the exported file, when not RUN/model.pt)
         run, _, model = spec.partition(":")
