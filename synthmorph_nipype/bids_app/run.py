@@ -17,12 +17,18 @@ LOGGER = logging.getLogger("synthmorph_bids")
 
 def _weights_info(mode: str, weights: list[str] | None) -> tuple[list[str], dict, object]:
     """The weight files a run uses (found now, so every node uses the same), what the
-    sidecars say of them, and the loaded models (for the refinement they recommend)."""
-    from ..engine.weights import find_weights, load_models
+    sidecars say of them, and the models' settings (the refinement they recommend, a
+    lambda head). Our ``.pt`` files are small and loaded here; FreeSurfer's ``.h5`` are
+    not (their hypernetwork costs GBs and recommends nothing), only checked to exist."""
+    from ..engine.weights import Models, find_weights, load_models
 
     try:
         files = [str(f) for f in find_weights(mode, weights)]
-        models = load_models(mode, [Path(f) for f in files])
+        for f in files:
+            if not Path(f).is_file():
+                raise BIDSAppError(f"{f}: weights file not found", "no_weights")
+        keras = any(not f.endswith((".pt", ".pth")) for f in files)
+        models = Models() if keras else load_models(mode, [Path(f) for f in files])
     except SynthMorphError as err:
         raise BIDSAppError(str(err), "no_weights") from None
     return files, {"Model": [Path(f).name for f in files],

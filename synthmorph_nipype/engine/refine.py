@@ -46,9 +46,10 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
         fine = F.interpolate(change, size=svf.shape[:3], mode="trilinear",
                              align_corners=False)
         return svf + pool * fine[0].permute(1, 2, 3, 0), history
-    sim = IMAGE_SIMILARITIES[similarity]
     grid = voxel_grid(image_1.shape, dtype=svf.dtype, device=svf.device)
-    fixed_1, fixed_2 = image_1[None, None], image_2[None, None]
+    # what depends on the still images alone (MIND descriptors) is computed once
+    to_2 = fixed_similarity(similarity, image_2[None, None].float())
+    to_1 = fixed_similarity(similarity, image_1[None, None].float())
     velocity = svf.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([velocity], lr=lr)
     history = []
@@ -57,7 +58,7 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
             d1, d2 = integrate_svf(velocity, steps), integrate_svf(-velocity, steps)
             moved_1 = sample_linear(image_1, grid + d1)[None, None]
             moved_2 = sample_linear(image_2, grid + d2)[None, None]
-            similarity_term = 0.5 * (sim(moved_1, fixed_2) + sim(moved_2, fixed_1))
+            similarity_term = 0.5 * (to_2(moved_1) + to_1(moved_2))
             smooth = 0.5 * (grad_l2(d1.permute(3, 0, 1, 2)[None])
                             + grad_l2(d2.permute(3, 0, 1, 2)[None]))
             loss = (1 - lam) * similarity_term + lam * smooth
