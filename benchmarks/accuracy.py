@@ -779,9 +779,14 @@ METHODS: dict[str, Callable[[], Method]] = {
     "synthmorph-affine-net": lambda: SynthMorph("affine", "-net", ["--refine-affine", "0"]),
     "synthmorph-joint-refine50": lambda: SynthMorph("joint", "-refine50", ["--refine", "50"]),
     "synthmorph-joint-refine200": lambda: SynthMorph("joint", "-refine200", ["--refine", "200"]),
-    # other joint models (give them with --weights-joint-finetuned / --weights-joint-svr)
+    # other joint models (give them with --weights-finetuned / --weights-svr), with the
+    # refinement they recommend and alone
     "synthmorph-joint-finetuned": lambda: SynthMorph("joint", "-finetuned", weights="finetuned"),
+    "synthmorph-joint-finetuned-net": lambda: SynthMorph("joint", "-finetuned-net", NO_REFINEMENT,
+                                                         weights="finetuned"),
     "synthmorph-joint-svr": lambda: SynthMorph("joint", "-svr", weights="svr"),
+    "synthmorph-joint-svr-net": lambda: SynthMorph("joint", "-svr-net", NO_REFINEMENT,
+                                                   weights="svr"),
     "ants-syn": lambda: Ants("SyN"),
     "ants-affine": lambda: Ants("Affine"),
     "elastix": lambda: Elastix(affine_only=False),

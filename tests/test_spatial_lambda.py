@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from synthmorph_nipype.models.joint import HyperUNet, UNetConfig
+from synthmorph_nipype.models.joint import HyperUNet, UNetConfig, lambda_head, split_lambda
 from synthmorph_nipype.ops.regularity import beta_prior, grad_l2, grad_sq, weighted_grad_l2
 from synthmorph_nipype.synthesis.generator import SynthConfig
 from synthmorph_nipype.training.config import TrainConfig
@@ -85,6 +85,32 @@ def test_lambda_head_task_trains_the_head_and_the_field():
     assert abs(terms["lambda"] - float(lam_map.mean())) < 1e-6
     expected = terms["sim"] + 5.0 * terms["reg"] + float(beta_prior(lam_map, 1.2))
     assert abs(float(loss.detach()) - expected) < 1e-5
+
+
+def test_the_map_objective_trains_the_head_alone():
+    # the prior on lambda (and the penalty through lambda) reaches the head's own weights,
+    # never the shared features: pulled by the prior, those grew under Adam until the field
+    # exploded (fine-tuning the embedded model, alpha 1.1 and 2 alike)
+    torch.manual_seed(2)
+    task = DeformTask(UNetConfig.from_dict({**WIDTHS, "lambda_head": True}))
+    x = torch.rand(1, 2, 16, 16, 16)
+    out = task.model(x)
+    _, lam = split_lambda(out)
+    beta_prior(lam, 1.1).backward()
+    convs = task.model.convs
+    assert float(convs[-1].weight.grad[3].abs().sum()) > 0
+    assert float(convs[-1].weight.grad[:3].abs().sum()) == 0
+    assert all(c.weight.grad is None or float(c.weight.grad.abs().sum()) == 0
+               for c in convs[:-1])
+    # the velocity channels still train every layer, and the head is the plain convolution
+    task.model.zero_grad()
+    task.model(x)[:, :3].pow(2).sum().backward()
+    assert all(float(c.weight.grad.abs().sum()) > 0 for c in convs[:-1])
+    with torch.no_grad():
+        plain = torch.nn.functional.conv3d(torch.ones(1, 8, 4, 4, 4), convs[-1].weight,
+                                           convs[-1].bias, padding=1)
+        mine = lambda_head(convs[-1])(torch.ones(1, 8, 4, 4, 4))
+    assert torch.allclose(mine, plain)
 
 
 def test_a_lambda_head_model_starts_from_a_hyper_unet():

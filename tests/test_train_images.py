@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from synthmorph_nipype.cli.main import main
 from synthmorph_nipype.errors import InputError
-from synthmorph_nipype.models.checkpoint import load_checkpoint
+from synthmorph_nipype.models.checkpoint import load_checkpoint, save_checkpoint
 from synthmorph_nipype.training.config import TrainConfig
 from synthmorph_nipype.training.images import image_files
 from synthmorph_nipype.training.trainer import Trainer
@@ -50,7 +50,12 @@ def config(image_dir, weights, **changes) -> TrainConfig:
 
 
 def test_fine_tuning_improves_the_image_similarity(image_dir, tiny_weights, tmp_path):
-    trainer = Trainer(config(image_dir, tiny_weights["joint"]), tmp_path / "run")
+    # a starting model that recommends test-time refinement
+    start = load_checkpoint(tiny_weights["joint"])
+    advice = {"refine_affine": 3, "refine": 7, "refine_similarity": "mind"}
+    save_checkpoint(tmp_path / "start.pt", meta={**start["meta"], **advice},
+                    affine=start["affine"], deform=start["deform"])
+    trainer = Trainer(config(image_dir, tmp_path / "start.pt"), tmp_path / "run")
     before = trainer.validate()
     after = trainer.run(progress=False)
     assert after["similarity"] < before["similarity"] - 0.005, (before, after)
@@ -58,6 +63,7 @@ def test_fine_tuning_improves_the_image_similarity(image_dir, tiny_weights, tmp_
     assert after["folding_pct"] < 1.0
     model = load_checkpoint(tmp_path / "run" / "model.pt")
     assert model["affine"] is not None and model["deform"] is not None  # detector kept
+    assert {k: model["meta"].get(k) for k in advice} == advice  # and the advice with it
 
 
 def test_train_images_from_the_command_line(image_dir, tiny_weights, template, tmp_path,

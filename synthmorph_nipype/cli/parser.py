@@ -171,7 +171,7 @@ def build_parser() -> Parser:
                     help="joint: spatially varying regularisation (a voxel-wise lambda head "
                     "instead of the hypernetwork; Chen et al.)")
     tr.add_argument("--prior-alpha", type=float, metavar="ALPHA",
-                    help="spatial lambda: alpha of the Beta(alpha, 1) prior (default 2)")
+                    help="spatial lambda: alpha of the Beta(alpha, 1) prior (default 1.1)")
     tr.add_argument("--penalty-weight", type=float, metavar="W",
                     help="spatial lambda: weight of the lambda-weighted gradient penalty "
                     "(default 1)")

@@ -106,8 +106,23 @@ def split_lambda(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     return out[:, :3], torch.sigmoid(out[:, 3:4]).clamp(1e-6, 1.0)
 
 
+def lambda_head(conv: nn.Conv3d) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The last convolution of a U-Net with a lambda head: velocity channels as usual, the
+    lambda logit from the features cut out of the autograd graph. The map's prior and
+    penalty then train the head's own weights and never the features the field is made
+    from: otherwise the prior, which keeps pulling lambda towards 1 (a sigmoid never gets
+    there), inflates those features step after step under Adam until the field explodes."""
+    def head(x: torch.Tensor) -> torch.Tensor:
+        velocity = F.conv3d(x, conv.weight[:3], conv.bias[:3], padding=1)
+        logit = F.conv3d(x.detach(), conv.weight[3:], conv.bias[3:], padding=1)
+        return torch.cat([velocity, logit], 1)
+    return head
+
+
 class UNet(nn.Module):
-    """Deformable U-Net with ordinary convolutions (one fixed regularisation weight)."""
+    """Deformable U-Net with ordinary convolutions (one fixed regularisation weight), or
+    with a lambda head (``config.lambda_head``: a fourth output channel, see
+    :func:`split_lambda` and :func:`lambda_head`)."""
 
     def __init__(self, config: UNetConfig | None = None):
         super().__init__()
@@ -115,8 +130,10 @@ class UNet(nn.Module):
         self.convs = nn.ModuleList(conv3(i, o) for i, o in config.layer_channels())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return unet_forward(x, list(self.convs), len(self.config.enc_nf),
-                            self.config.prepool)
+        convs: list[Callable] = list(self.convs)
+        if self.config.lambda_head:
+            convs[-1] = lambda_head(self.convs[-1])
+        return unet_forward(x, convs, len(self.config.enc_nf), self.config.prepool)
 
 
 class HyperUNet(nn.Module):

@@ -67,7 +67,7 @@ class TrainConfig:
     # hypernetwork, a Beta(prior_alpha, 1) prior on the map and its weighted gradient
     # penalty (see training.tasks.DeformTask)
     spatial_lambda: bool = False
-    prior_alpha: float = 2.0
+    prior_alpha: float = 1.1  # Chen et al. tuned alpha - 1 within [0.01, 0.2]
     penalty_weight: float = 1.0
     int_steps: int = 7
     val_pairs: int = 8

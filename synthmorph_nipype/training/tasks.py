@@ -191,7 +191,7 @@ class DeformTask(Task):
 
     def __init__(self, config: UNetConfig, similarity: str = "label_mse",
                  regularizer: str = "grad_l2", steps: int = 7, loss_stride: int = 2,
-                 prior_alpha: float = 2.0, penalty_weight: float = 1.0):
+                 prior_alpha: float = 1.1, penalty_weight: float = 1.0):
         self.spatial = config.lambda_head
         self.model = UNet(config) if self.spatial else HyperUNet(config)
         init_weights(self.model)

@@ -44,16 +44,23 @@ STATE = "synthmorph-nipype-training"
 # settings a resumed run may change (everything else must match the checkpoint)
 RESUMABLE = {"steps", "threads", "device", "val_every", "ckpt_every", "affine_weights",
              "lr_decay_start", "lr_final"}
+# test-time refinement a starting model recommends: a model fine-tuned from it keeps it
+RECOMMENDATIONS = ("refine_affine", "refine", "refine_similarity")
 
 
 def starting_weights(paths: str | list[str]) -> dict:
     """The detector (if any) and hyper U-Net that fine-tuning starts from: one or more
     files, our ``.pt`` or FreeSurfer's Keras ``.h5`` (e.g. ``synthmorph.affine.2.h5`` and
-    ``synthmorph.deform.3.h5``); the first file holding each part wins."""
+    ``synthmorph.deform.3.h5``); the first file holding each part wins. ``"meta"`` holds
+    the refinement the ``.pt`` files recommend (the first file naming each setting)."""
     found: dict = {"affine": None, "deform": None}
+    meta: dict = {}
     for path in [paths] if isinstance(paths, str) else paths:
         if str(path).endswith((".pt", ".pth")):
             parts = load_checkpoint(path)
+            for key in RECOMMENDATIONS:
+                if key in parts["meta"]:
+                    meta.setdefault(key, parts["meta"][key])
         else:
             keras = load_keras(path, lam=None)
             parts = {"affine": keras.affine, "deform": keras.deform}
@@ -62,7 +69,7 @@ def starting_weights(paths: str | list[str]) -> dict:
     if not isinstance(found["deform"], HyperUNet):
         names = paths if isinstance(paths, str) else ", ".join(paths)
         raise ValueError(f"{names}: holds no hypernetwork U-Net to fine-tune")
-    return found
+    return {**found, "meta": meta}
 
 
 def autocast_for(device: torch.device, amp: str | bool):
@@ -176,6 +183,7 @@ class Trainer:
             kwargs.update(regularizer=config.regularizer, steps=config.int_steps,
                           prior_alpha=config.prior_alpha, penalty_weight=config.penalty_weight)
         self.detector = self.images = None
+        self.recommended: dict = {}  # refinement settings the starting model recommends
         task_name, model_config, init = config.model, config.model_config(), None
         if config.objective == "similarity":
             task_name = "images"
@@ -185,6 +193,7 @@ class Trainer:
                                        lambda_head=config.spatial_lambda)
                 if init["affine"] is not None:
                     self.detector = init["affine"].to(self.device).eval()
+                self.recommended = init["meta"]
         with torch.random.fork_rng(devices=[]):  # the seed fixes the initial weights too
             torch.manual_seed(config.seed)
             self.task: Task = TASKS[task_name](model_config, **kwargs)
@@ -280,7 +289,7 @@ class Trainer:
         if self.detector is not None and not self.config.affine_weights:
             parts["affine"] = self.detector  # fine-tuned models keep their detector
         meta = {"trained_steps": self.step, "date": datetime.now(timezone.utc).date().isoformat(),
-                "training_config": json.dumps(self.config.to_dict())}
+                "training_config": json.dumps(self.config.to_dict()), **self.recommended}
         if self.config.model == "joint" and self.config.affine_weights:
             bundled = load_checkpoint(self.config.affine_weights)
             parts["affine"] = bundled["affine"]
