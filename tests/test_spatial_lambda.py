@@ -161,6 +161,69 @@ def test_train_and_register_with_a_lambda_map(nipype_pair, tmp_path, capsys):
     assert not (tmp_path / "none.nii.gz").exists()
 
 
+def _intensity_head_unet() -> torch.nn.Module:
+    """A U-Net whose lambda logit is ``6 (image 1 + image 2) - 3`` at every voxel, and
+    whose field is zero: every convolution passes one channel through its centre tap (the
+    encoder's first sums both images; each decoder conv reads its skip's first channel)."""
+    from synthmorph_nipype.models.joint import UNet
+
+    unet = UNet(UNetConfig.from_dict({**WIDTHS, "lambda_head": True}))
+    levels = len(WIDTHS["enc_nf"])
+    with torch.no_grad():
+        for k, conv in enumerate(unet.convs):
+            conv.weight.zero_()
+            conv.bias.zero_()
+            cin = conv.weight.shape[1]
+            source = 8 if cin == 16 and k > levels else 0  # a skip's first channel
+            if k == len(unet.convs) - 1:
+                conv.weight[3, 0, 1, 1, 1], conv.bias[3] = 6.0, -3.0
+            elif k == 0:
+                conv.weight[0, :, 1, 1, 1] = 1.0
+            else:
+                conv.weight[0, source, 1, 1, 1] = 1.0
+    return unet.eval()
+
+
+def test_the_lambda_map_lies_on_the_fixed_grid(nipype_pair, tmp_path, capsys):
+    # an independent check of where the map lands: with a head that follows the image
+    # intensity, the written map (read back by nibabel) correlates best with the fixed
+    # image at zero shift, not one voxel off along any axis
+    import nibabel as nb
+    import numpy as np
+
+    from synthmorph_nipype.cli.main import main
+    from synthmorph_nipype.models.checkpoint import save_checkpoint
+
+    weights = tmp_path / "intensity.pt"
+    save_checkpoint(weights, deform=_intensity_head_unet())
+    fixed = nipype_pair["fixed"]
+    out = tmp_path / "lambda.nii.gz"
+    capsys.readouterr()
+    assert main(["register", "-m", "deform", "-e", "192", "-j", "1", "-w", str(weights),
+                 "-r", "0.3", "--refine", "0", str(fixed), str(fixed),
+                 "--out-lambda", str(out)]) == 0
+    assert "-r only weights the test-time refinement" in capsys.readouterr().err
+    lam = nb.load(out)
+    image = nb.load(fixed)
+    assert np.allclose(lam.affine, image.affine) and lam.shape == image.shape
+    a, b = lam.get_fdata(), image.get_fdata()
+    assert a.min() < 0.2 and a.max() > 0.9  # the head's range is used
+
+    def corr(shift: tuple[int, int, int]) -> float:
+        inner = tuple(slice(2, n - 2) for n in a.shape)
+        moved = np.roll(b, shift, axis=(0, 1, 2))
+        return float(np.corrcoef(a[inner].ravel(), moved[inner].ravel())[0, 1])
+
+    centre = corr((0, 0, 0))
+    assert centre > 0.8
+    for axis in range(3):
+        up, down = (corr(tuple(step if k == axis else 0 for k in range(3))) for step in (1, -1))
+        drop = centre - max(up, down)
+        # lower one voxel off either way, and by the same amount: a half-voxel error in
+        # the map's placement would favour one side
+        assert drop > 0.005 and abs(up - down) < 0.2 * drop, (axis, centre, up, down)
+
+
 @pytest.mark.filterwarnings("ignore")  # pybids chatter
 def test_bids_app_writes_the_lambda_map_as_a_derivative(tmp_path):
     import json

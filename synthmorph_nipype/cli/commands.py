@@ -76,9 +76,14 @@ def register(args: argparse.Namespace) -> None:
         if init.as_affine() is None:
             raise InputError(f"{args.init}: the initial transform must be affine")
     files = find_weights(args.mode, args.weights)
-    models = load_models(args.mode, files, lam=args.lam)
-    if args.out_lambda and not (models.deform is not None
-                                and models.deform.config.lambda_head):
+    lam = 0.5 if args.lam is None else args.lam
+    models = load_models(args.mode, files, lam=lam)
+    spatial = models.deform is not None and models.deform.config.lambda_head
+    if args.lam is not None and spatial:
+        names = ", ".join(map(str, files))
+        print(f"synthmorph register: warning: {names} predicts its own regularisation map; "
+              "-r only weights the test-time refinement", file=sys.stderr)
+    if args.out_lambda and not spatial:
         raise SynthMorphError(f"{args.out_lambda}: the {args.mode} model has no spatially "
                               "varying regularisation (no lambda map to write)")
     start = time.perf_counter()
@@ -87,7 +92,7 @@ def register(args: argparse.Namespace) -> None:
                     if wanted)
     result = run_register(moving, fixed, models, mode=args.mode, extent=args.extent,
                           steps=args.steps, init=init, device=device, outputs=outputs,
-                          refine=args.refine, lam=args.lam,
+                          refine=args.refine, lam=lam,
                           similarity=args.refine_similarity,
                           refine_affine=args.refine_affine)
     elapsed = time.perf_counter() - start

@@ -73,7 +73,7 @@ def build_parser() -> Parser:
     reg.add_argument("-H", "--header-only", action="store_true",
                      help="-o/-O by changing the header, no resampling (affine, rigid)")
     reg.add_argument("-i", "--init", metavar="INIT", help="initial affine transform (any format)")
-    reg.add_argument("-r", "--regularization", dest="lam", type=_unit_interval, default=0.5,
+    reg.add_argument("-r", "--regularization", dest="lam", type=_unit_interval, default=None,
                      metavar="LAMBDA", help="regularization weight in (0, 1) (default: 0.5)")
     reg.add_argument("-n", "--steps", type=_non_negative, default=7,
                      help="integration steps (default: 7)")
