@@ -16,6 +16,7 @@ from synthmorph_nipype.engine.refine import refine_matrix, refine_svf
 from synthmorph_nipype.interfaces import SynthMorphRegister
 from synthmorph_nipype.ops.grid import voxel_grid
 from synthmorph_nipype.ops.integrate import integrate_svf
+from synthmorph_nipype.ops.regularity import grad_sq
 from synthmorph_nipype.ops.sampling import sample_linear
 
 
@@ -45,6 +46,36 @@ def test_refinement_recovers_a_smooth_warp(similarity, lam):
     before = float(true[inner].norm(dim=-1).mean())
     after = float((integrate_svf(svf, 7) - true)[inner].norm(dim=-1).mean())
     assert after < 0.6 * before, (before, after)
+
+
+def test_a_weight_map_lets_the_field_bend_where_it_is_low():
+    # the same warp everywhere; a spatially varying model's map low in one half: the
+    # refined field bends more there (and a map of ones is Grad-l2)
+    n = 24
+    fixed = smooth((n, n, n), 1)
+    fixed = (fixed - fixed.min()) / (fixed.max() - fixed.min())
+    i = torch.arange(n, dtype=torch.float32)
+    true = torch.zeros(n, n, n, 3)
+    true[..., 1] = 1.5 * torch.sin(2 * math.pi * i / n)[None, None, :]
+    moving = sample_linear(fixed, voxel_grid((n, n, n)) - true)
+    weight = torch.ones(n, n, n)
+    weight[: n // 2] = 0.05
+    kwargs = dict(iterations=60, lam=0.7, similarity="ncc", lr=0.1)
+    svf, _ = refine_svf(torch.zeros(n, n, n, 3), moving, fixed, weight=weight, **kwargs)
+    bend = grad_sq(integrate_svf(svf, 7).permute(3, 0, 1, 2)[None])[0, 0]
+    low, high = float(bend[2:n // 2 - 2].mean()), float(bend[n // 2 + 2:-2].mean())
+    assert low > 2 * high, (low, high)
+    plain, history = refine_svf(torch.zeros(n, n, n, 3), moving, fixed, **kwargs)
+    ones, history_1 = refine_svf(torch.zeros(n, n, n, 3), moving, fixed,
+                                 weight=torch.ones(n, n, n), **kwargs)
+    assert history_1[0] == pytest.approx(history[0])
+    inner = (slice(3, -3),) * 3  # the two penalties differ at the far borders only
+    diff = float((ones - plain)[inner].abs().mean()) / float(plain[inner].abs().mean())
+    assert diff < 0.05, diff
+    # both halves bend alike without the map
+    bend = grad_sq(integrate_svf(plain, 7).permute(3, 0, 1, 2)[None])[0, 0]
+    low, high = float(bend[2:n // 2 - 2].mean()), float(bend[n // 2 + 2:-2].mean())
+    assert abs(low - high) < 0.5 * high, (low, high)
 
 
 def test_pooled_refinement_recovers_a_smooth_warp_and_keeps_the_fine_field():

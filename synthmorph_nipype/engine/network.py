@@ -148,8 +148,10 @@ def run_deformable(unet: UNet, inp_1: torch.Tensor, inp_2: torch.Tensor, *, step
         inp_1, inp_2, detector, refine_affine, stages)
     svf, lam_map = _svf(unet, def_1, def_2)
     if refine > 0:
+        # a spatially varying model's map weights the smoothness voxel by voxel
         svf, history = refine_svf(svf, def_1, def_2, iterations=refine, lam=lam,
-                                  similarity=similarity, steps=steps, pool=REFINE_POOL)
+                                  similarity=similarity, steps=steps, pool=REFINE_POOL,
+                                  weight=lam_map)
         stages["refine_loss"] = history
     disp_1, disp_2 = integrate_svf(svf, steps), integrate_svf(-svf, steps)
     tot_1, tot_2 = _half_total(disp_1, half_aff_1), _half_total(disp_2, half_aff_2)

@@ -15,16 +15,22 @@ import torch.nn.functional as F
 
 from ..ops.grid import voxel_grid
 from ..ops.integrate import integrate_svf
-from ..ops.regularity import grad_l2
+from ..ops.regularity import grad_l2, weighted_grad_l2
 from ..ops.sampling import sample_linear
 from ..ops.similarity import IMAGE_SIMILARITIES, fixed_similarity
 
 
 def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, *,
                iterations: int, lam: float = 0.5, similarity: str = "ncc", steps: int = 7,
-               lr: float = 0.05, pool: int = 1) -> tuple[torch.Tensor, list[float]]:
+               lr: float = 0.05, pool: int = 1, weight: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, list[float]]:
     """Refine a channels-last SVF ``(X, Y, Z, 3)`` (voxels) between two images ``(X, Y, Z)``
     on the same grid; returns the refined SVF and the loss before each step.
+
+    The objective is ``(1 - lam) * dissimilarity + lam * smoothness``; the smoothness is
+    Grad-l2, or with ``weight`` (a voxel-wise map ``(X, Y, Z)`` on the same grid, e.g. a
+    spatially varying model's lambda map) the mean of ``weight * |grad u|^2`` scaled to
+    equal Grad-l2 where the weight is 1.
 
     ``integrate(svf)`` maps a point of image 2's grid to where image 1 is sampled (the
     engine's pull-back convention), ``integrate(-svf)`` the reverse. With ``pool`` > 1 the
@@ -39,8 +45,11 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
         start = coarse[0].permute(1, 2, 3, 0)
         img_1, img_2 = (F.avg_pool3d(x[None, None].float(), pool)[0, 0]
                         for x in (image_1, image_2))
+        if weight is not None:
+            weight = F.avg_pool3d(weight[None, None].float(), pool)[0, 0]
         refined, history = refine_svf(start, img_1, img_2, iterations=iterations, lam=lam,
-                                      similarity=similarity, steps=steps, lr=lr)
+                                      similarity=similarity, steps=steps, lr=lr,
+                                      weight=weight)
         change = (refined - start).permute(3, 0, 1, 2)[None]
         # pooled voxel k sits at fine voxel pool * k + (pool - 1) / 2: align_corners=False
         fine = F.interpolate(change, size=svf.shape[:3], mode="trilinear",
@@ -50,6 +59,7 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
     # what depends on the still images alone (MIND descriptors) is computed once
     to_2 = fixed_similarity(similarity, image_2[None, None].float())
     to_1 = fixed_similarity(similarity, image_1[None, None].float())
+    w = None if weight is None else weight[None, None].to(svf)
     velocity = svf.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([velocity], lr=lr)
     history = []
@@ -59,8 +69,11 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
             moved_1 = sample_linear(image_1, grid + d1)[None, None]
             moved_2 = sample_linear(image_2, grid + d2)[None, None]
             similarity_term = 0.5 * (to_2(moved_1) + to_1(moved_2))
-            smooth = 0.5 * (grad_l2(d1.permute(3, 0, 1, 2)[None])
-                            + grad_l2(d2.permute(3, 0, 1, 2)[None]))
+            u1, u2 = d1.permute(3, 0, 1, 2)[None], d2.permute(3, 0, 1, 2)[None]
+            if weight is None:
+                smooth = 0.5 * (grad_l2(u1) + grad_l2(u2))
+            else:  # grad_sq sums the 3 components, grad_l2 averages them
+                smooth = (weighted_grad_l2(u1, w) + weighted_grad_l2(u2, w)) / 6
             loss = (1 - lam) * similarity_term + lam * smooth
             history.append(float(loss.detach()))
             opt.zero_grad(set_to_none=True)
