@@ -45,7 +45,8 @@ def demo_bids(tmp_path_factory) -> Path:
 
 def common(weights) -> list[str]:
     return ["--weights", str(weights), "--extent", "192", "--nprocs", "2",
-            "--omp-nthreads", "1", "--template", f"{TPL}:res-2", "--refine", "2"]
+            "--omp-nthreads", "1", "--template", f"{TPL}:res-2", "--refine", "2",
+            "--refine-affine", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +96,11 @@ def test_derivatives_are_found_as_fmriprep_looks_for_them(participant_run, demo_
         side = json.loads(Path(fwd.replace(".h5", ".json")).read_text())
         assert side["Mode"] == "joint" and side["Regularization"] == 0.5
         assert side["Refinement"] == {"Steps": 2, "Similarity": "ncc"}
+        # the coregistration ran with (and records) the same affine refinement
+        affine_steps = {"Steps": 1, "Similarity": "mind"}
+        assert side["AffineRefinement"] == affine_steps
+        coreg_side = json.loads(Path(coreg[0].replace(".txt", ".json")).read_text())
+        assert coreg_side["Mode"] == "rigid" and coreg_side["AffineRefinement"] == affine_steps
         assert side["Sources"] == [f"bids:raw:sub-{subject}/anat/sub-{subject}_T1w.nii.gz"]
         assert side["Model"] == ["joint.pt"] and len(side["ModelSHA256"][0]) == 16
 

@@ -155,10 +155,13 @@ def init_single_unit_wf(*, unit: Unit, template: Template, output_dir, bids_dir,
     for k, (contrast, path) in enumerate(sorted(unit.others.items())):
         co_wf = init_coregister_wf(mode="rigid", use_gpu=use_gpu, omp_nthreads=omp_nthreads,
                                    extent=extent, weights=weights,
+                                   refine_affine=refine_affine,
                                    name=f"coreg_{contrast.lower()}_wf")
         co_wf.inputs.inputnode.moving_image = path
         co_wf.inputs.inputnode.fixed_image = unit.reference
         meta = {"Mode": "rigid", "Extent": extent, "SoftwareVersion": __version__,
+                **({"AffineRefinement": {"Steps": refine_affine, "Similarity": "mind"}}
+                   if refine_affine else {}),
                 **weights_info}
         ds_xfm = _sink(f"ds_{contrast.lower()}_xfm", output_dir, bids_dir,
                        {**unit.entities, "from": contrast, "to": ref, "mode": "image",

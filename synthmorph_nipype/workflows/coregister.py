@@ -18,6 +18,7 @@ def init_coregister_wf(
     omp_nthreads: int = 1,
     extent: int = 256,
     weights: Sequence[str] | None = None,
+    refine_affine: int | None = None,
     name: str = "coregister_wf",
 ) -> pe.Workflow:
     """Align one contrast of a subject onto another (e.g. T2w onto T1w), rigid or affine.
@@ -37,8 +38,9 @@ def init_coregister_wf(
     ----------
     mode : :obj:`str`
         ``rigid`` (default: same head, six degrees of freedom) or ``affine``.
-    use_gpu, omp_nthreads, extent, weights
-        As :func:`~synthmorph_nipype.workflows.init_synthmorph_wf`.
+    use_gpu, omp_nthreads, extent, weights, refine_affine
+        As :func:`~synthmorph_nipype.workflows.init_synthmorph_wf` (``refine_affine``:
+        test-time refinement steps of the matrix; None: what the weights recommend).
     name : :obj:`str`
         Workflow name.
 
@@ -81,6 +83,8 @@ def init_coregister_wf(
                 "moved_masked"]), name="outputnode")
     coreg = registration_node(mode, name="coreg", use_gpu=use_gpu, omp_nthreads=omp_nthreads,
                               extent=extent, weights=weights)
+    if refine_affine is not None:
+        coreg.inputs.refine_affine = refine_affine
     mask_moved = pe.Node(ApplyMask(), name="mask_moved", run_without_submitting=True)
     workflow.connect([
         (inputnode, coreg, [("moving_image", "moving_image"), ("fixed_image", "fixed_image"),
