@@ -78,6 +78,23 @@ def find_weights(mode: str, weights: list[str] | None = None) -> list[Path]:
         "to a folder of them")
 
 
+def load_parts(path: str | Path, *, lam: float | None = None, rigid: bool = False,
+               want_affine: bool = True, want_deform: bool = True
+               ) -> tuple[AffineDetector | None, UNet | HyperUNet | None, dict]:
+    """The feature detector, deformable network and metadata of one weights file, our
+    ``.pt`` or FreeSurfer's Keras ``.h5`` (no metadata). ``lam``: specialise a hyper U-Net
+    for that regularisation weight (None: keep the hypernetwork)."""
+    if str(path).endswith((".pt", ".pth")):
+        parts = load_checkpoint(path)
+        deform = parts["deform"]
+        if lam is not None and isinstance(deform, HyperUNet) and want_deform:
+            deform = deform.specialize(lam)
+        return parts["affine"], deform, parts["meta"]
+    keras = load_keras(path, rigid=rigid, lam=lam, want_affine=want_affine,
+                       want_deform=want_deform)
+    return keras.affine, keras.deform, {}
+
+
 def load_models(mode: str, files: list[Path], *, lam: float = 0.5) -> Models:
     """Load the parts ``mode`` needs from Keras ``.h5`` or torch ``.pt`` files."""
     want_affine, want_deform = needs(mode)
@@ -88,22 +105,15 @@ def load_models(mode: str, files: list[Path], *, lam: float = 0.5) -> Models:
     for path in files:
         if not Path(path).is_file():
             raise WeightsError(f"{path}: weights file not found")
-        if str(path).endswith((".pt", ".pth")):
-            parts = load_checkpoint(path)
-            found_affine, found_deform = parts["affine"], parts["deform"]
-            if found_affine is not None and want_affine and affine is None:
-                refine_affine = int(parts["meta"].get("refine_affine", 0))
-            if found_deform is not None and want_deform and deform is None:
-                refine = int(parts["meta"].get("refine", 0))
-                similarity = str(parts["meta"].get("refine_similarity", "ncc"))
-            if isinstance(found_deform, HyperUNet) and want_deform:
-                found_deform = found_deform.specialize(lam)
-        else:
-            parts = load_keras(path, rigid=rigid, lam=lam, want_affine=want_affine,
-                               want_deform=want_deform)
-            found_affine, found_deform = parts.affine, parts.deform
         if not want_affine and not want_deform:
             continue
+        found_affine, found_deform, meta = load_parts(
+            path, lam=lam, rigid=rigid, want_affine=want_affine, want_deform=want_deform)
+        if found_affine is not None and want_affine and affine is None:
+            refine_affine = int(meta.get("refine_affine", 0))
+        if found_deform is not None and want_deform and deform is None:
+            refine = int(meta.get("refine", 0))
+            similarity = str(meta.get("refine_similarity", "ncc"))
         affine = affine or (found_affine if want_affine else None)
         deform = deform or (found_deform if want_deform else None)
     names = ", ".join(str(f) for f in files)

@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from ..engine.register import pick_device, set_threads
+from ..engine.weights import load_parts
 from ..io.atomic import OutputSet
 from ..models.checkpoint import load_checkpoint, save_checkpoint
 from ..models.joint import HyperUNet
-from ..models.keras import load_keras
 from ..synthesis.generator import SynthConfig, sample_pair
 from .config import TrainConfig
 from .data import LabelSource
@@ -56,16 +56,12 @@ def starting_weights(paths: str | list[str]) -> dict:
     found: dict = {"affine": None, "deform": None}
     meta: dict = {}
     for path in [paths] if isinstance(paths, str) else paths:
-        if str(path).endswith((".pt", ".pth")):
-            parts = load_checkpoint(path)
-            for key in RECOMMENDATIONS:
-                if key in parts["meta"]:
-                    meta.setdefault(key, parts["meta"][key])
-        else:
-            keras = load_keras(path, lam=None)
-            parts = {"affine": keras.affine, "deform": keras.deform}
-        for key in found:
-            found[key] = found[key] or parts[key]
+        affine, deform, file_meta = load_parts(path)
+        for key in RECOMMENDATIONS:
+            if key in file_meta:
+                meta.setdefault(key, file_meta[key])
+        found["affine"] = found["affine"] or affine
+        found["deform"] = found["deform"] or deform
     if not isinstance(found["deform"], HyperUNet):
         names = paths if isinstance(paths, str) else ", ".join(paths)
         raise ValueError(f"{names}: holds no hypernetwork U-Net to fine-tune")
