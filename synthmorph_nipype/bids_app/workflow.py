@@ -79,13 +79,15 @@ def init_single_unit_wf(*, unit: Unit, template: Template, output_dir, bids_dir,
     workflow = pe.Workflow(name=f"single_{unit.label.replace('-', '_')}_wf")
     ref = unit.reference_contrast
     tpl_ent = {"res": template.spec["res"]} if "res" in template.spec else {}
+    # the matrix refinement is MIND whatever the weights (engine.refine.refine_matrix)
+    affine_refinement = ({"AffineRefinement": {"Steps": refine_affine, "Similarity": "mind"}}
+                         if refine_affine else {})
     reg_meta = {"Mode": mode, "Extent": extent, "Template": template.name,
                 "TemplateSource": template.source, "SoftwareVersion": __version__,
                 **({"Regularization": regularization} if mode in ("joint", "deform") else {}),
                 **({"Refinement": {"Steps": refine, "Similarity": refine_similarity}}
                    if refine and mode in ("joint", "deform") else {}),
-                **({"AffineRefinement": {"Steps": refine_affine, "Similarity": "mind"}}
-                   if refine_affine and mode != "deform" else {}),
+                **(affine_refinement if mode != "deform" else {}),
                 **weights_info}
     reg_wf = init_synthmorph_wf(mode=mode, use_gpu=use_gpu, omp_nthreads=omp_nthreads,
                                 extent=extent, regularization=regularization,
@@ -160,8 +162,7 @@ def init_single_unit_wf(*, unit: Unit, template: Template, output_dir, bids_dir,
         co_wf.inputs.inputnode.moving_image = path
         co_wf.inputs.inputnode.fixed_image = unit.reference
         meta = {"Mode": "rigid", "Extent": extent, "SoftwareVersion": __version__,
-                **({"AffineRefinement": {"Steps": refine_affine, "Similarity": "mind"}}
-                   if refine_affine else {}),
+                **affine_refinement,
                 **weights_info}
         ds_xfm = _sink(f"ds_{contrast.lower()}_xfm", output_dir, bids_dir,
                        {**unit.entities, "from": contrast, "to": ref, "mode": "image",
