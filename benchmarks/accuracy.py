@@ -481,14 +481,19 @@ def pull_labels(labels: np.ndarray, labels_affine: np.ndarray, disp: np.ndarray,
     return out
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """Per-tissue Dice of two label maps, and their mean."""
+def dice(a: np.ndarray, b: np.ndarray, labels: Sequence[int] | None = None
+         ) -> dict[str, float]:
+    """Per-tissue Dice of two label maps, and their mean; with ``labels`` (held-out
+    pairs), the Dice of each of those labels (keys ``"label-N"``) and their mean over the
+    labels the fixed map holds."""
     out = {}
-    for value, tissue in enumerate(TISSUES, start=1):
+    names = {v: t for v, t in enumerate(TISSUES, start=1)} if labels is None else \
+        {int(v): f"label-{int(v)}" for v in labels}
+    for value, name in names.items():
         x, y = a == value, b == value
         total = x.sum() + y.sum()
-        out[tissue] = float(2 * (x & y).sum() / total) if total else float("nan")
-    out["mean"] = float(np.mean([out[t] for t in TISSUES]))
+        out[name] = float(2 * (x & y).sum() / total) if y.any() else float("nan")
+    out["mean"] = float(np.nanmean([out[t] for t in names.values()]))
     return out
 
 
@@ -502,26 +507,35 @@ class PairData:
     fixed_labels: np.ndarray
     moving_affine: np.ndarray
     moving_labels: np.ndarray
-    true_disp: np.ndarray
+    true_disp: np.ndarray | None  # None: no known answer (pairs of two subjects)
 
     @classmethod
     def load(cls, path: Path) -> PairData:
         fixed = nb.load(path / "fixed_labels.nii.gz")
         moving = nb.load(path / "moving_labels.nii.gz")
+        truth = path / "true_fwd.nii.gz"
         return cls(path, json.loads((path / "pair.json").read_text()), fixed.affine,
                    np.asarray(fixed.dataobj), moving.affine, np.asarray(moving.dataobj),
-                   displacement_on_grid([path / "true_fwd.nii.gz"], path / "fixed.nii.gz"))
+                   displacement_on_grid([truth], path / "fixed.nii.gz")
+                   if truth.exists() else None)
+
+    @property
+    def labels(self) -> list[int] | None:
+        """The labels Dice counts (None: the template pairs' CSF, GM, WM)."""
+        return self.info.get("dice_labels")
 
     def dice_before(self) -> dict[str, float]:
         """Dice with the moving labels taken at the same world points (identity)."""
         zero = np.zeros(self.fixed_labels.shape + (3,), np.float32)
         return dice(pull_labels(self.moving_labels, self.moving_affine, zero,
-                                self.fixed_affine), self.fixed_labels)
+                                self.fixed_affine), self.fixed_labels, self.labels)
 
-    def dice_truth(self) -> dict[str, float]:
+    def dice_truth(self) -> dict[str, float] | None:
         """Dice through the true mapping: the ceiling that label resampling leaves."""
+        if self.true_disp is None:
+            return None
         return dice(pull_labels(self.moving_labels, self.moving_affine, self.true_disp,
-                                self.fixed_affine), self.fixed_labels)
+                                self.fixed_affine), self.fixed_labels, self.labels)
 
 
 def evaluate(pair: PairData, transforms: Sequence[Path], tool_labels: Path | None) -> dict:
@@ -529,16 +543,18 @@ def evaluate(pair: PairData, transforms: Sequence[Path], tool_labels: Path | Non
     disp = displacement_on_grid(transforms, pair.path / "fixed.nii.gz")
     brain = pair.fixed_labels > 0
     det = jacobian_determinant(disp, pair.fixed_affine)
-    err = np.linalg.norm(disp[brain] - pair.true_disp[brain], axis=-1)
     moved = pull_labels(pair.moving_labels, pair.moving_affine, disp, pair.fixed_affine)
-    out = {"dice": dice(moved, pair.fixed_labels),
+    out = {"dice": dice(moved, pair.fixed_labels, pair.labels),
            "folding_pct_brain": float(100 * (det[brain] <= 0).mean()),
            "folding_pct_all": float(100 * (det <= 0).mean()),
-           "jacobian_min": float(det.min()),
-           "error_mm_mean": float(err.mean()), "error_mm_max": float(err.max())}
+           "jacobian_min": float(det.min())}
+    if pair.true_disp is not None:
+        err = np.linalg.norm(disp[brain] - pair.true_disp[brain], axis=-1)
+        out.update(error_mm_mean=float(err.mean()), error_mm_max=float(err.max()))
     if tool_labels is not None and tool_labels.is_file():
         warped = np.asarray(nb.load(tool_labels).dataobj)
-        out["dice_tool"] = dice(np.rint(warped).astype(np.int64), pair.fixed_labels)
+        out["dice_tool"] = dice(np.rint(warped).astype(np.int64), pair.fixed_labels,
+                                pair.labels)
     return out
 
 
@@ -912,13 +928,15 @@ def summarize(runs: list[dict]) -> list[dict]:
                 return float(statistics.median(get(r) for r in ok))
 
             walls = [r["wall_s"] for r in ok]
+            known = "error_mm_mean" in ok[0]
             row.update(
                 dice_after=med(lambda r: r["dice"]["mean"]),
-                dice_after_tissue={t: med(lambda r, t=t: r["dice"][t]) for t in TISSUES},
+                dice_after_tissue={t: med(lambda r, t=t: r["dice"][t]) for t in TISSUES}
+                if TISSUES[0] in ok[0]["dice"] else None,
                 folding_pct_brain=med(lambda r: r["folding_pct_brain"]),
                 folding_pct_all=med(lambda r: r["folding_pct_all"]),
-                error_mm_mean=med(lambda r: r["error_mm_mean"]),
-                error_mm_max=med(lambda r: r["error_mm_max"]),
+                error_mm_mean=med(lambda r: r["error_mm_mean"]) if known else None,
+                error_mm_max=med(lambda r: r["error_mm_max"]) if known else None,
                 wall_s_median=float(statistics.median(walls)), wall_s_min=min(walls),
                 wall_s_max=max(walls), cpu_s_median=med(lambda r: r["cpu_s"]),
                 peak_rss_gb=med(lambda r: r["peak_rss_gb"]))
@@ -943,18 +961,21 @@ def markdown(results: dict) -> str:
     for row in results["summary"]:
         pair = pairs[row["pair"]]
         before = f"{pair['dice_before']['mean']:.3f}"
-        truth = f"({pair['dice_truth']['mean']:.3f})"
+        truth = f"({pair['dice_truth']['mean']:.3f})" if pair["dice_truth"] else "(-)"
         label = f"{row['pair']} ({pair['truth']})"
         if not row["ok"]:
             lines.append(f"| {label} | {row['method']} | {before} -> failed {truth} | | | | | |")
             warnings.append(f"{row['pair']} / {row['method']} failed: {row['reason']}")
             continue
-        tissue = " / ".join(f"{row['dice_after_tissue'][t]:.3f}" for t in TISSUES)
+        tissue = " / ".join(f"{row['dice_after_tissue'][t]:.3f}" for t in TISSUES) \
+            if row["dice_after_tissue"] else "(brain labels)"
+        error = "-" if row["error_mm_mean"] is None else \
+            f"{row['error_mm_mean']:.2f} ({row['error_mm_max']:.2f})"
         lines.append(
             f"| {label} | {row['method']} | {before} -> {row['dice_after']:.3f} {truth} "
             f"| {tissue} "
             f"| {row['folding_pct_brain']:.3f} ({row['folding_pct_all']:.3f}) "
-            f"| {row['error_mm_mean']:.2f} ({row['error_mm_max']:.2f}) "
+            f"| {error} "
             f"| {row['wall_s_median']:.1f} ({row['wall_s_min']:.1f}-{row['wall_s_max']:.1f}) "
             f"| {row['peak_rss_gb']:.2f} |")
         if "dice_tool" in row and abs(row["dice_tool"] - row["dice_after"]) > 0.02:
@@ -1015,8 +1036,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--methods", type=_comma_list(list(METHODS)), default=DEFAULT_METHODS,
                         help=f"comma list of {', '.join(METHODS)} (default: "
                         f"{', '.join(DEFAULT_METHODS)})")
-    parser.add_argument("--pairs", type=_comma_list(list(PAIRS)), default=list(PAIRS),
-                        help=f"comma list of {', '.join(PAIRS)} (default: all)")
+    parser.add_argument("--pairs", type=lambda t: [n for n in t.split(",") if n],
+                        default=list(PAIRS),
+                        help=f"comma list of {', '.join(PAIRS)} (default: all), or pairs "
+                        "already in OUT/pairs (benchmarks/heldout.py writes held-out ones)")
     parser.add_argument("--threads", type=int, default=2, help="threads for every method")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 2 mm, 1 run, fewer ANTs/elastix iterations, extent 192")
@@ -1069,6 +1092,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     tpl = None
     pairs: dict[str, PairData] = {}
     for name in args.pairs:
+        if name not in PAIRS:  # made by another script (benchmarks/heldout.py)
+            if not (out / "pairs" / name / "pair.json").is_file():
+                parser.error(f"unknown pair {name}: not one of {', '.join(PAIRS)} and not "
+                             f"in {out / 'pairs'}")
+            pairs[name] = PairData.load(out / "pairs" / name)
+            continue
         if not pair_is_current(out / "pairs" / name, resolution):
             tpl = tpl or load_template(resolution)
         pairs[name] = PairData.load(make_pair(name, tpl, resolution, out / "pairs"))
@@ -1094,8 +1123,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 record = run_one(method, pair, rep, ctx, args.keep)
                 results["runs"].append(record)
                 msg = (f"Dice {record['dice']['mean']:.3f}, error "
-                       f"{record['error_mm_mean']:.2f} mm" if record["status"] == "ok"
-                       else record["reason"])
+                       f"{record.get('error_mm_mean', float('nan')):.2f} mm"
+                       if record["status"] == "ok" else record["reason"])
                 print(f"[{rep + 1}/{repeats}] {pair.path.name} {method.name}: "
                       f"{record['wall_s']:.1f} s, {record['peak_rss_gb']:.2f} GB, {msg}",
                       flush=True)

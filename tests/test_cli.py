@@ -682,3 +682,62 @@ def test_bare_affine_works_in_the_api(inputs):
     shift[:3, 3] = [5.0, -3.0, 2.0]
     moved = header_only(img, Affine(shift))
     np.testing.assert_allclose(moved.affine, np.linalg.inv(shift) @ img.affine)
+
+
+# --------------------------------------------------------------------------- inputs are sacred
+@pytest.mark.parametrize("flag, target, link", [
+    ("-o", "mov", "same"), ("-O", "fix", "same"), ("-t", "mov", "same"),
+    ("-T", "fix", "symlink"), ("--out-lambda", "mov", "hardlink"), ("-o", "fix", "dotted"),
+    ("-t", "weights", "same")])
+def test_register_refuses_outputs_onto_its_inputs(inputs, tiny_weights, tmp_path, capfd,
+                                                  flag, target, link):
+    """An output that is an input (by its name, another spelling, a symlink or a hard
+    link) is refused before any work, and the input is left as it was."""
+    work = tmp_path / "work"
+    work.mkdir()
+    mov, fix = shutil.copy(inputs["mov"], work), shutil.copy(inputs["fix"], work)
+    weights = Path(shutil.copy(tiny_weights["joint"], work))
+    files = {"mov": Path(mov), "fix": Path(fix), "weights": weights}
+    victim = files[target]
+    before = victim.read_bytes()
+    out = {"same": victim, "dotted": work / "." / victim.name,
+           "symlink": work / "link.nii.gz", "hardlink": work / "hard.nii.gz"}[link]
+    if link == "symlink":
+        out.symlink_to(victim)
+    elif link == "hardlink":
+        os.link(victim, out)
+    mode = ["-m", "affine"] if flag in ("-o", "-O") else []
+    code = run_main(["register", *mode, "-e", "192", "-w", weights, flag, out, mov, fix])
+    err = capfd.readouterr().err
+    assert code != 0
+    assert err.count("\n") == 1 and f"{flag} would overwrite" in err, err
+    assert victim.read_bytes() == before
+    assert not [p for p in work.iterdir() if p.name.startswith(".")]  # no temporary files
+
+
+def test_register_refuses_two_outputs_with_one_name(inputs, tiny_weights, tmp_path, capfd):
+    out = tmp_path / "x.h5"
+    code = run_main(["register", "-e", "192", "-w", tiny_weights["joint"], "-t", out,
+                     "-T", tmp_path / "." / "x.h5", inputs["mov"], inputs["fix"]])
+    assert code != 0
+    assert "-T and -t name the same file" in capfd.readouterr().err
+    assert not out.exists()
+
+
+def test_apply_refuses_outputs_onto_its_inputs(affine_runs, inputs, tmp_path, capfd):
+    fwd = Path(shutil.copy(affine_runs[0] / "fwd.lta", tmp_path))
+    img = Path(shutil.copy(inputs["mov"], tmp_path))
+    other = Path(shutil.copy(inputs["fix"], tmp_path))
+    before = {p: p.read_bytes() for p in (fwd, img, other)}
+    for argv, expected in (
+            ([fwd, img, img], "OUTPUT 1 would overwrite INPUT 1"),
+            ([fwd, img, tmp_path / "ok.nii.gz", other, img], "OUTPUT 2 would overwrite INPUT 1"),
+            ([fwd, img, fwd.with_suffix(".lta")], "OUTPUT 1 would overwrite TRANSFORM"),
+            (["--reference", other, fwd, img, other], "OUTPUT 1 would overwrite --reference"),
+            ([fwd, img, tmp_path / "a.nii.gz", other, tmp_path / "a.nii.gz"],
+             "OUTPUT 2 and OUTPUT 1 name the same file")):
+        assert run_main(["apply", *argv]) != 0
+        err = capfd.readouterr().err
+        assert err.count("\n") == 1 and expected in err, err
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in before)

@@ -27,8 +27,13 @@ def _check_image_output(path: str) -> None:
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
-    for path in (args.out_moving, args.out_fixed, args.out_lambda, *args.trans,
-                 *args.inverse):
+    outputs = [("-o", args.out_moving), ("-O", args.out_fixed),
+               ("--out-lambda", args.out_lambda), *(("-t", p) for p in args.trans),
+               *(("-T", p) for p in args.inverse)]
+    inputs = [("MOVING", args.moving), ("FIXED", args.fixed), ("-i", args.init),
+              *(("-w", p) for p in args.weights or [])]
+    OutputSet.check_distinct(outputs, inputs)
+    for _, path in outputs:
         if path:
             OutputSet.check_writable(path)
     for path in (args.out_moving, args.out_fixed, args.out_lambda):
@@ -125,6 +130,10 @@ def register(args: argparse.Namespace) -> None:
 def apply(args: argparse.Namespace) -> None:
     """``synthmorph apply``."""
     pairs = list(zip(args.pairs[::2], args.pairs[1::2], strict=True))
+    OutputSet.check_distinct(
+        [(f"OUTPUT {n}", output) for n, (_, output) in enumerate(pairs, start=1)],
+        [("TRANSFORM", args.transform), ("--reference", args.reference),
+         *((f"INPUT {n}", inp) for n, (inp, _) in enumerate(pairs, start=1))])
     for _, output in pairs:
         OutputSet.check_writable(output)
         _check_image_output(output)

@@ -133,8 +133,11 @@ def build_parser() -> Parser:
     syn = sub.add_parser("synth", help="write synthetic training pairs to look at",
                          description=(
         "Write COUNT synthetic image pairs and their label maps as NIfTI, drawn as "
-        "training draws them (label maps from the nilearn template and random shapes)."))
+        "training draws them (label maps from the configuration's --label-maps, else the "
+        "nilearn template, and random shapes)."))
     syn.add_argument("outdir", metavar="OUTDIR")
+    syn.add_argument("--label-maps", metavar="DIR_OR_FILE", nargs="+",
+                     help="whole-head label maps of real subjects (see train)")
     syn.add_argument("-n", "--count", type=_positive, default=4, help="pairs (default: 4)")
     syn.add_argument("--model", default="affine", choices=("affine", "rigid", "joint"),
                      help="whose synthesis ranges to use (default: affine)")
@@ -162,9 +165,14 @@ def build_parser() -> Parser:
     tr.add_argument("--images", metavar="DIR_OR_BIDS",
                     help="similarity objective: a folder, BIDS dataset or list of images")
     tr.add_argument("--init-weights", metavar="WEIGHTS", nargs="+",
-                    help="similarity objective: start from this joint model (the embedded "
-                    ".pt, or FreeSurfer's synthmorph.affine.2.h5 synthmorph.deform.3.h5); "
-                    "its detector aligns the pairs")
+                    help="start from these weights: for the similarity objective a joint "
+                    "model (the embedded .pt, or FreeSurfer's synthmorph.affine.2.h5 "
+                    "synthmorph.deform.3.h5) whose detector aligns the pairs; for "
+                    "synthetic training a .pt of the same widths (e.g. the embedded one)")
+    tr.add_argument("--label-maps", metavar="DIR_OR_FILE", nargs="+",
+                    help="whole-head label maps of real subjects (NIfTI/MGZ, FreeSurfer "
+                    "labels; folders, files or glob patterns) to synthesise brains from "
+                    "instead of the nilearn template")
     tr.add_argument("--similarity", choices=("label_mse", "dice", "ncc", "mse", "mind"),
                     default=None, help="training similarity (images: ncc, mse or mind)")
     tr.add_argument("--spatial-lambda", action="store_true",

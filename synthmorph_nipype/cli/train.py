@@ -30,7 +30,8 @@ def _outdir(path: str) -> Path:
 
 def synth(args: argparse.Namespace) -> None:
     """Write ``args.count`` synthetic pairs (images and label maps) as NIfTI."""
-    cfg = read_config(args.config, model=args.model, seed=args.seed)
+    cfg = read_config(args.config, model=args.model, seed=args.seed,
+                      label_maps=args.label_maps)
     out = _outdir(args.outdir)
     set_threads(args.threads)
     source, synth_cfg = label_source(cfg), cfg.synth_config()
@@ -57,7 +58,8 @@ def train(args: argparse.Namespace) -> None:
                       images=args.images, init_weights=args.init_weights,
                       similarity=args.similarity,
                       spatial_lambda=True if args.spatial_lambda else None,
-                      prior_alpha=args.prior_alpha, penalty_weight=args.penalty_weight)
+                      prior_alpha=args.prior_alpha, penalty_weight=args.penalty_weight,
+                      label_maps=args.label_maps)
     starts = [cfg.init_weights] if isinstance(cfg.init_weights, str) else cfg.init_weights
     for path in (*(starts or []), cfg.images):
         if path and not Path(path).exists():

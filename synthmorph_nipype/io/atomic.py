@@ -48,6 +48,37 @@ class OutputSet:
         if not writable:
             raise SynthMorphError(f"{path}: cannot write here (permission denied)")
 
+    @staticmethod
+    def check_distinct(outputs, inputs) -> None:
+        """Refuse, before any work, an output that is one of the inputs (the same file by
+        any name: symlink, hard link, another spelling of the path) or another output.
+
+        ``outputs`` and ``inputs`` are ``(what, path)`` pairs, ``what`` naming the flag or
+        argument in the message.
+
+        >>> import tempfile; d = Path(tempfile.mkdtemp()); _ = (d / "in.nii").write_text("x")
+        >>> OutputSet.check_distinct([("-o", d / "out.nii")], [("MOVING", d / "in.nii")])
+        >>> OutputSet.check_distinct([("-o", d / "." / "in.nii")], [("MOVING", d / "in.nii")])
+        Traceback (most recent call last):
+        ...
+        synthmorph_nipype.errors.SynthMorphError: ...in.nii: -o would overwrite MOVING ...
+        """
+        given = [(what, Path(path)) for what, path in inputs if path]
+        seen: list[tuple[str, Path]] = []
+        for what, path in outputs:
+            if not path:
+                continue
+            path = Path(path)
+            for other, source in given:
+                if _same_file(path, source):
+                    raise SynthMorphError(f"{path}: {what} would overwrite {other} "
+                                          f"({source}); choose another output name")
+            for other, earlier in seen:
+                if _same_file(path, earlier):
+                    raise SynthMorphError(f"{path}: {what} and {other} name the same file; "
+                                          "give each output its own name")
+            seen.append((what, path))
+
     def temp(self, path: str | Path) -> Path:
         """A temporary path next to ``path``, with the same suffix (formats follow it)."""
         path = Path(path)
@@ -92,3 +123,13 @@ class OutputSet:
                     f"{err.filename}: cannot write output ({err.strerror})") from None
         else:
             self.discard()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (existing: by inode; else by resolved path)."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False

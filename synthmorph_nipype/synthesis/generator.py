@@ -293,7 +293,7 @@ def random_svf(batch: int, shape, config: SynthConfig, generator: torch.Generato
 
 
 def random_svf_warp(batch: int, shape, config: SynthConfig, generator: torch.Generator, *,
-                    device=None) -> torch.Tensor:
+                    device=None, inverse: bool = False):
     """Random diffeomorphic displacements ``(B, X, Y, Z, 3)`` in voxels: the SVFs of
     :func:`random_svf` (same draws) integrated in ``warp_steps`` scaling-and-squaring
     steps.
@@ -301,7 +301,8 @@ def random_svf_warp(batch: int, shape, config: SynthConfig, generator: torch.Gen
     The fields are smooth on the scale of ``warp_fwhm_mm``, so the integration runs on a
     grid ``warp_downsample`` times coarser and the displacement is upsampled
     trilinearly (as in VoxelMorph's half-resolution integration); 1 integrates at full
-    resolution.
+    resolution. With ``inverse``, also return the inverse displacements (the negated SVFs
+    integrated the same way), as a pair ``(disp, inverse)``.
     """
     shape = _shape3(shape)
     device = _device(generator, device)
@@ -309,14 +310,19 @@ def random_svf_warp(batch: int, shape, config: SynthConfig, generator: torch.Gen
     low = tuple(max(2, math.ceil((n - 1) / f) + 1) if n > 2 else n for n in shape)
     svf = _svf_on_grid(batch, shape, low, config, generator, device)
     if not torch.any(svf != 0):
-        return torch.zeros((batch, *shape, 3), device=device)
+        zero = torch.zeros((batch, *shape, 3), device=device)
+        return (zero, zero.clone()) if inverse else zero
     # voxels of shape -> voxels of the coarse grid, per axis
     step = torch.tensor([(n - 1) / max(m - 1, 1) for n, m in zip(shape, low, strict=True)],
                         device=device)
-    disp = integrate_batch(svf.permute(0, 2, 3, 4, 1) / step, config.warp_steps) * step
-    if low != shape:
-        disp = _upsample(disp.permute(0, 4, 1, 2, 3), shape).permute(0, 2, 3, 4, 1)
-    return disp.contiguous()
+    out = []
+    for sign in (1.0, -1.0)[:1 + bool(inverse)]:
+        disp = integrate_batch(sign * svf.permute(0, 2, 3, 4, 1) / step,
+                               config.warp_steps) * step
+        if low != shape:
+            disp = _upsample(disp.permute(0, 4, 1, 2, 3), shape).permute(0, 2, 3, 4, 1)
+        out.append(disp.contiguous())
+    return tuple(out) if inverse else out[0]
 
 
 def deform_labels(labels: torch.Tensor, affine: torch.Tensor | None,
@@ -513,14 +519,17 @@ def _flip(x: torch.Tensor, flips: list[list[bool]], first: int) -> torch.Tensor:
 
 
 def sample_pair(labels: torch.Tensor, config: SynthConfig, generator: torch.Generator,
-                same_contrast: bool = False) -> dict[str, torch.Tensor]:
+                same_contrast: bool = False, labels_2: torch.Tensor | None = None,
+                inverse: bool = False) -> dict[str, torch.Tensor]:
     """A training pair from label maps ``(B, X, Y, Z)`` (one anatomy per batch element).
 
     Each image gets its own random affine and SVF warp of the same label map (the
     deformed map with ``skull_labels`` set to background with probability
     ``skull_prob``, independently per image) and its own contrast. Finally the whole pair
     is flipped along random axes (each with ``flip_prob``), consistently for images and
-    labels.
+    labels. With ``labels_2`` (another anatomy on the same grid, e.g. a second subject
+    normalised to the same affine reference) the second image is made from it instead.
+    With ``inverse``, ``inv_disp_1`` and ``inv_disp_2`` hold the inverse warps.
 
     Returns ``image_1``, ``image_2`` ((B, 1, X, Y, Z) float in [0, 1]), ``labels_1``,
     ``labels_2`` ((B, X, Y, Z) long, the maps the images were made from), ``affine_1``,
@@ -538,10 +547,16 @@ def sample_pair(labels: torch.Tensor, config: SynthConfig, generator: torch.Gene
     dev, b, shape = labels.device, labels.shape[0], tuple(labels.shape[1:])
     out: dict[str, torch.Tensor] = {}
     contrast_state = generator.get_state()  # set again before the first image's contrast
+    if labels_2 is not None and tuple(labels_2.shape) != tuple(labels.shape):
+        raise ValueError(f"labels_2 {tuple(labels_2.shape)} differ in shape from labels "
+                         f"{tuple(labels.shape)}")
     for k in (1, 2):
         affine = random_affine(b, shape, config, generator, device=dev)
-        disp = random_svf_warp(b, shape, config, generator, device=dev)
-        moved = deform_labels(labels, affine, disp)
+        disp = random_svf_warp(b, shape, config, generator, device=dev, inverse=inverse)
+        if inverse:
+            disp, out[f"inv_disp_{k}"] = disp
+        source = labels if k == 1 or labels_2 is None else labels_2.long().to(dev)
+        moved = deform_labels(source, affine, disp)
         moved, _ = strip_labels(moved, config.skull_labels, config.skull_prob, generator)
         if same_contrast and k == 2:
             now = generator.get_state()

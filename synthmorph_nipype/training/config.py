@@ -54,8 +54,16 @@ class TrainConfig:
     grid: int = 96  # training grid edge in voxels (half-resolution network space)
     crop: int | None = None  # train on random cubes of this edge cut from each pair
     voxel_mm: float = 2.0
-    shapes_prob: float = 0.5  # random-shape label maps vs template brains
-    head_prob: float = 0.5  # brains with a synthetic head (then skull on/off at random)
+    shapes_prob: float = 0.5  # random-shape label maps vs brains
+    head_prob: float = 0.5  # brains with a (synthetic or real) head, then skull on/off
+    # whole-head label maps of real subjects (a folder, or files and glob patterns,
+    # relative to the working directory); brains come from them instead of the template
+    label_maps: str | list[str] | None = None
+    inter_subject_prob: float = 0.5  # pairs from two different subjects (with label_maps)
+    # supervised terms where the synthetic truth is known: the detector's mean distance
+    # to the true map (voxels) over brain voxels; the deformable end-point error (voxels)
+    # for pairs made from one anatomy, inside the similarity term
+    supervised_weight: float = 0.0
     synth: dict = field(default_factory=dict)  # SynthConfig changes (over DEFAULT_SYNTH)
     # curriculum: over the first warmup_steps the augmentations (noise, blur, bias, gamma,
     # resolution loss, cropping) ramp up from none and the share of pairs whose images
@@ -113,6 +121,9 @@ class TrainConfig:
             if self.voxel_mm != 2.0:  # pairs come at the engine's half resolution
                 raise ValueError("the similarity objective trains on the 2 mm grid "
                                  "(voxel_mm 2)")
+        if not 0 <= self.inter_subject_prob <= 1 or self.supervised_weight < 0:
+            raise ValueError("inter_subject_prob must lie in [0, 1] and supervised_weight "
+                             "be >= 0")
         if self.spatial_lambda and self.model != "joint":
             raise ValueError("spatial_lambda needs the joint model")
         if self.prior_alpha < 1 or self.penalty_weight < 0:
@@ -162,6 +173,25 @@ class TrainConfig:
         """Pooling of the engine's 2 mm network grid down to the training grid, which the
         exported networks apply to their input."""
         return int(round(self.voxel_mm / 2.0))
+
+    def label_map_files(self) -> list[Path]:
+        """The label maps ``label_maps`` names (folders listed, patterns expanded)."""
+        from ..synthesis.label_maps import label_map_files
+
+        if not self.label_maps:
+            return []
+        entries = [self.label_maps] if isinstance(self.label_maps, str) else self.label_maps
+        files: list[Path] = []
+        for entry in entries:
+            if any(c in entry for c in "*?["):
+                found = sorted(Path().glob(entry)) if not Path(entry).is_absolute() else \
+                    sorted(Path("/").glob(entry.lstrip("/")))
+                if not found:
+                    raise InputError(f"{entry}: matches no label maps")
+                files.extend(found)
+            else:
+                files.extend(label_map_files(entry))
+        return files
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -43,6 +43,8 @@ class Pair:
     truth: torch.Tensor | None = None  # (4, 4) true fixed -> moving voxel map, when known
     labels_1: torch.Tensor | None = None  # (1, *s) the full label maps (incl. ignored ones)
     labels_2: torch.Tensor | None = None
+    # (*s, 3) true fixed -> moving displacement (voxels), when known (one anatomy)
+    disp_truth: torch.Tensor | None = None
 
 
 def _dissimilarity_dice(moved: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
@@ -128,11 +130,12 @@ class AffineTask(Task):
     name = "affine"
 
     def __init__(self, config: AffineConfig, similarity: str = "label_mse",
-                 loss_stride: int = 2):
+                 loss_stride: int = 2, supervised_weight: float = 0.0):
         self.model = AffineDetector(config)
         init_weights(self.model)
         self.similarity = SIMILARITIES[similarity]
         self.stride = int(loss_stride)
+        self.supervised_weight = float(supervised_weight)
 
     def matrix(self, pair: Pair, autocast=nullcontext) -> torch.Tensor:
         """Fixed -> moving voxel map ``(4, 4)`` (float64) predicted for ``pair``."""
@@ -151,8 +154,14 @@ class AffineTask(Task):
     def loss(self, pair, generator, autocast=nullcontext):
         mat = self.matrix(pair, autocast)
         (m1, f1), (m2, f2) = self._overlaps(pair, mat, self.stride)
-        loss = 0.5 * (self.similarity(m1, f1) + self.similarity(m2, f2))
-        return loss, {"sim": float(loss.detach())}
+        sim = 0.5 * (self.similarity(m1, f1) + self.similarity(m2, f2))
+        terms = {"sim": float(sim.detach())}
+        loss = sim
+        if self.supervised_weight and pair.truth is not None:
+            dist = map_distance(mat, pair.truth.to(mat), pair.onehot_2, self.stride)
+            loss = loss + self.supervised_weight * dist
+            terms["dist"] = float(dist.detach())
+        return loss, terms
 
     @torch.no_grad()
     def evaluate(self, pair):
@@ -168,12 +177,22 @@ class AffineTask(Task):
         return {"affine": self.model}
 
 
+def map_distance(mat: torch.Tensor, truth: torch.Tensor, onehot_fixed: torch.Tensor,
+                 stride: int = 1) -> torch.Tensor:
+    """Mean distance (voxels) between predicted and true maps over the fixed image's
+    labelled voxels (the brain, for real label maps), differentiable in ``mat``; every
+    ``stride``-th voxel. All voxels count when none is labelled."""
+    shape = onehot_fixed.shape[2:]
+    s = stride
+    mask = onehot_fixed[0, 1:, ::s, ::s, ::s].sum(0) > 0.5
+    diff = _mapped(mat, shape, s) - _mapped(truth, shape, s)
+    dist = (diff.pow(2).sum(-1) + 1e-12).sqrt()
+    return dist[mask].mean() if bool(mask.any()) else dist.mean()
+
+
 def _mean_error(mat: torch.Tensor, truth: torch.Tensor, onehot_fixed: torch.Tensor) -> float:
     """Mean distance (voxels) between predicted and true maps over the labelled voxels."""
-    shape = onehot_fixed.shape[2:]
-    mask = onehot_fixed[0, 1:].sum(0) > 0.5
-    diff = _mapped(mat, shape) - _mapped(truth, shape)
-    return float(diff.norm(dim=-1)[mask].mean())
+    return float(map_distance(mat, truth, onehot_fixed))
 
 
 class DeformTask(Task):
@@ -191,7 +210,9 @@ class DeformTask(Task):
 
     def __init__(self, config: UNetConfig, similarity: str = "label_mse",
                  regularizer: str = "grad_l2", steps: int = 7, loss_stride: int = 2,
-                 prior_alpha: float = 1.1, penalty_weight: float = 1.0):
+                 prior_alpha: float = 1.1, penalty_weight: float = 1.0,
+                 supervised_weight: float = 0.0):
+        self.supervised_weight = float(supervised_weight)
         self.spatial = config.lambda_head
         self.model = UNet(config) if self.spatial else HyperUNet(config)
         init_weights(self.model)
@@ -241,6 +262,10 @@ class DeformTask(Task):
         d1, d2, lam_map = self.fields(pair, lam, autocast)
         (m1, f1), (m2, f2) = self._compared(pair, d1, d2)
         sim = 0.5 * (self.similarity(m1, f1) + self.similarity(m2, f2))
+        epe = None
+        if self.supervised_weight and pair.disp_truth is not None:
+            epe = end_point_error(d1, pair.disp_truth, pair.onehot_2, self.stride)
+            sim = sim + self.supervised_weight * epe
         u1, u2 = d1.permute(3, 0, 1, 2)[None], d2.permute(3, 0, 1, 2)[None]
         if lam_map is not None:
             reg = 0.5 * (weighted_grad_l2(u1, lam_map) + weighted_grad_l2(u2, lam_map))
@@ -250,7 +275,10 @@ class DeformTask(Task):
                           "lambda": float(lam_map.detach().mean())}
         reg = 0.5 * (self.regularizer(u1) + self.regularizer(u2))
         loss = (1 - lam) * sim + lam * reg
-        return loss, {"sim": float(sim.detach()), "reg": float(reg.detach()), "lambda": lam}
+        terms = {"sim": float(sim.detach()), "reg": float(reg.detach()), "lambda": lam}
+        if self.supervised_weight:  # the same columns every step (NaN: no truth)
+            terms["epe"] = float("nan") if epe is None else float(epe.detach())
+        return loss, terms
 
     @torch.no_grad()
     def evaluate(self, pair, lam: float = 0.5):
@@ -265,6 +293,16 @@ class DeformTask(Task):
 
     def export(self):
         return {"deform": self.model}
+
+
+def end_point_error(disp: torch.Tensor, truth: torch.Tensor, onehot_fixed: torch.Tensor,
+                    stride: int = 1) -> torch.Tensor:
+    """Mean end-point error (voxels) of a displacement ``(*s, 3)`` against the truth over
+    the fixed image's labelled voxels (all voxels when none is labelled)."""
+    sub = (slice(None, None, stride),) * 3
+    mask = onehot_fixed[0, 1:][(slice(None), *sub)].sum(0) > 0.5
+    err = ((disp[sub] - truth[sub].to(disp)).pow(2).sum(-1) + 1e-12).sqrt()
+    return err[mask].mean() if bool(mask.any()) else err.mean()
 
 
 class ImageTask(DeformTask):

@@ -33,7 +33,10 @@ from ..engine.weights import load_parts
 from ..io.atomic import OutputSet
 from ..models.checkpoint import load_checkpoint, save_checkpoint
 from ..models.joint import HyperUNet
+from ..ops.grid import apply_affine, voxel_grid
+from ..ops.sampling import sample_linear
 from ..synthesis.generator import SynthConfig, sample_pair
+from ..synthesis.label_maps import read_label_map
 from .config import TrainConfig
 from .data import LabelSource
 from .images import ImagePairs, image_files
@@ -68,6 +71,26 @@ def starting_weights(paths: str | list[str]) -> dict:
     return {**found, "meta": meta}
 
 
+@torch.no_grad()
+def start_from(model: torch.nn.Module, paths: str | list[str], part: str) -> dict:
+    """Load ``part`` ("affine" or "deform") of the first weights file holding it into
+    ``model`` (the same architecture; input pooling aside) and return the refinement the
+    file recommends."""
+    for path in [paths] if isinstance(paths, str) else paths:
+        affine, deform, meta = load_parts(path)
+        found = affine if part == "affine" else deform
+        if found is None:
+            continue
+        try:
+            model.load_state_dict(found.state_dict())
+        except RuntimeError:
+            raise ValueError(f"{path}: its {part} network has another architecture than "
+                             "the configured widths") from None
+        return {k: meta[k] for k in RECOMMENDATIONS if k in meta}
+    names = paths if isinstance(paths, str) else ", ".join(paths)
+    raise ValueError(f"{names}: holds no {part} network to start from")
+
+
 def autocast_for(device: torch.device, amp: str | bool):
     """Mixed-precision context: float16 on CUDA (bfloat16 where supported), bfloat16 on a
     CPU with native bfloat16; ``amp=False`` switches it off."""
@@ -99,30 +122,57 @@ def crop_pair(pair: Pair, size: int, generator: torch.Generator) -> Pair:
 
 
 def make_pair(source: LabelSource, synth: SynthConfig, generator: torch.Generator,
-              device: torch.device, same_contrast: bool = False) -> Pair:
-    """One synthetic pair on ``device``; the true map is known when there is no warp."""
+              device: torch.device, same_contrast: bool = False,
+              displacement: bool = False) -> Pair:
+    """One synthetic pair on ``device``.
+
+    ``truth`` is the fixed -> moving voxel map of the pair's affine draws (exact when
+    there is no warp and both images come from one anatomy; for two subjects normalised to
+    one reference, the affine between them). With ``displacement``, pairs made from one
+    anatomy also carry the true dense fixed -> moving displacement (``disp_truth``).
+    """
     lm = source.draw(generator, device)
     cfg = synth.replace(skull_labels=lm.skull_labels)
-    out = sample_pair(lm.labels, cfg, generator, same_contrast=same_contrast)
+    out = sample_pair(lm.labels, cfg, generator, same_contrast=same_contrast,
+                      labels_2=lm.labels_2, inverse=displacement)
     n = int(lm.loss_labels.max()) + 1
     oh1 = one_hot(lm.loss_labels[out["labels_1"]], n)
     oh2 = one_hot(lm.loss_labels[out["labels_2"]], n)
-    truth = None
-    if cfg.warp_std_mm == 0:
-        truth = torch.linalg.inv(out["affine_1"][0].double()) @ out["affine_2"][0].double()
-        flip = torch.eye(4, dtype=torch.float64)
-        for a, on in enumerate(out["flips"][0].tolist()):
-            if on:
-                flip[a, a], flip[a, 3] = -1.0, lm.labels.shape[1 + a] - 1.0
-        truth = flip @ truth.cpu() @ flip
+    truth = torch.linalg.inv(out["affine_1"][0].double()) @ out["affine_2"][0].double()
+    flipped = bool(out["flips"].any())
+    flip = torch.eye(4, dtype=torch.float64, device=truth.device)
+    for a, on in enumerate(out["flips"][0].tolist()):
+        if on:
+            flip[a, a], flip[a, 3] = -1.0, lm.labels.shape[1 + a] - 1.0
+    disp = None
+    if displacement and lm.labels_2 is None and not flipped:
+        disp = true_displacement(out["affine_1"][0], out["affine_2"][0], out["inv_disp_1"][0],
+                                 out["disp_2"][0])
+    truth = (flip @ truth @ flip).cpu()
     return Pair(out["image_1"], out["image_2"], oh1, oh2, truth, out["labels_1"],
-                out["labels_2"])
+                out["labels_2"], disp)
+
+
+def true_displacement(affine_1: torch.Tensor, affine_2: torch.Tensor,
+                      inv_disp_1: torch.Tensor, disp_2: torch.Tensor) -> torch.Tensor:
+    """Fixed -> moving displacement ``(X, Y, Z, 3)`` (voxels) of a pair made from one label
+    map, image ``k`` showing the map at ``affine_k @ (x + disp_k(x))``: voxel ``x`` of the
+    fixed image (2) shows what moving voxel ``phi_1^-1(affine_1^-1 affine_2 (x + disp_2))``
+    shows."""
+    shape = disp_2.shape[:3]
+    grid = voxel_grid(shape, dtype=torch.float32, device=disp_2.device)
+    rel = torch.linalg.inv(affine_1.double()) @ affine_2.double()
+    z = apply_affine(rel.float(), grid + disp_2)
+    back = sample_linear(inv_disp_1, z, boundary="clamp")
+    return z + back - grid
 
 
 def label_source(config: TrainConfig) -> LabelSource:
     """The label maps a configuration trains on."""
+    maps = [read_label_map(f) for f in config.label_map_files()]
     return LabelSource((config.grid,) * 3, config.voxel_mm, shapes_prob=config.shapes_prob,
-                       head_prob=config.head_prob, seed=config.seed)
+                       head_prob=config.head_prob, seed=config.seed, label_maps=maps,
+                       inter_subject_prob=config.inter_subject_prob)
 
 
 class Progress:
@@ -175,6 +225,8 @@ class Trainer:
             set_threads(config.threads)
         self.autocast = autocast_for(self.device, config.amp)
         kwargs = {"similarity": config.similarity}
+        if config.objective == "synthetic":
+            kwargs["supervised_weight"] = config.supervised_weight
         if config.model == "joint":
             kwargs.update(regularizer=config.regularizer, steps=config.int_steps,
                           prior_alpha=config.prior_alpha, penalty_weight=config.penalty_weight)
@@ -195,6 +247,9 @@ class Trainer:
             self.task: Task = TASKS[task_name](model_config, **kwargs)
         if init is not None:
             load_start(self.task.model, init["deform"])
+        elif config.init_weights:  # synthetic training continued from trained weights
+            self.recommended = start_from(self.task.model, config.init_weights,
+                                          "deform" if config.model == "joint" else "affine")
         self.task.model.to(self.device)
         if config.objective == "similarity":
             self.images = ImagePairs(image_files(config.images), config.extent, self.device)
@@ -251,7 +306,8 @@ class Trainer:
         if self.images is not None:
             img_1, img_2 = self.images.pair(generator, self.detector)
             return Pair(img_1, img_2, None, None)
-        return make_pair(self.source, synth, generator, self.device, same)
+        displacement = self.config.model == "joint" and self.config.supervised_weight > 0
+        return make_pair(self.source, synth, generator, self.device, same, displacement)
 
     # -- validation -------------------------------------------------------------------
     def validation_pairs(self) -> list[Pair]:
