@@ -11,3 +11,7 @@ class InputError(SynthMorphError):
 
 class WeightsError(SynthMorphError):
     """Model weights are missing or do not fit the architecture."""
+
+
+class DataWarning(UserWarning):
+    """Something about the data the user should know (the command line prints one line)."""

@@ -184,6 +184,12 @@ def inputs(template, tiny_weights, tmp_path_factory) -> dict[str, Path]:
     p["garbage_h5"].write_text("#Insight Transform File V1.0\ngarbage\n")
     p["xyz"] = d / "transform.xyz"
     p["xyz"].write_text("1 0 0 0\n")
+    p["singular_txt"] = d / "singular.txt"  # flattens the third axis
+    p["singular_txt"].write_text(
+        "#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
+        "Parameters: 1 0 0 0 1 0 0 0 0 0 0 0\nFixedParameters: 0 0 0\n")
+    vec = np.repeat(blob()[..., None, None], 3, axis=-1)  # (X, Y, Z, 1, 3), a vector image
+    p["vec5d"] = save(vec, small, d / "vector5d.nii.gz")
     return p
 
 
@@ -197,7 +203,7 @@ def _reg(*argv, w="affine", mode="affine", mov="mov", fix="fix", out=("-t", "fwd
         args += list(out)  # relative to the case's directory, the working directory
         moving = p[mov] if mov in p else Path(o.parent / mov)
         fixed = p[fix] if fix in p else Path(o.parent / fix)
-        return [*args, *argv, moving, fixed]
+        return [*args, *(p.get(a, a) for a in argv), moving, fixed]
     return make
 
 
@@ -246,6 +252,12 @@ BAD_INPUT = {
     "init_missing": _case(_reg("-i", "missing_init.lta", mode="deform", w="joint",
                                out=("-t", "fwd.h5")), "missing_init.lta"),
     "no_outputs": _case(_reg(out=()), "-o"),
+    "steps_100": _case(_reg("-n", "100", mode="joint", w="joint", out=("-t", "fwd.h5")),
+                       "0..16", "100"),
+    "init_singular": _case(_reg("-i", "singular_txt", mode="affine"), "singular.txt",
+                           "singular"),
+    "image_5d_vector": _case(_reg(mov="vec5d"), "vector5d.nii.gz", "5-D",
+                             "(40, 40, 40, 1, 3)"),
     "no_weights_without_freesurfer": _case(_reg(w=None), "-w", "FREESURFER_HOME"),
     "no_weights_empty_freesurfer": _case(_reg(w=None, mode="joint", out=("-t", "fwd.h5")),
                                          "-w", "FREESURFER_HOME", env="fs_empty"),
@@ -741,3 +753,64 @@ def test_apply_refuses_outputs_onto_its_inputs(affine_runs, inputs, tmp_path, ca
         assert err.count("\n") == 1 and expected in err, err
     assert {p: p.read_bytes() for p in before} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in before)
+
+
+def test_apply_warns_when_values_do_not_fit_the_type(inputs, tmp_path, capfd):
+    """``apply -t uint8`` on data beyond 255 clips, and says so in one line."""
+    img = nb.load(str(inputs["mov"]))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    big = save(data / data.max() * 4080, img.affine, tmp_path / "big.nii.gz")
+    out = tmp_path / "u8.nii.gz"
+    assert run_main(["apply", "-t", "uint8", inputs["identity_txt"], big, out,
+                     "--reference", big]) == 0
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "do not fit uint8 (0 to 255): clipped" in err, err
+    assert np.asarray(nb.load(str(out)).dataobj).max() == 255
+    assert run_main(["apply", "-t", "uint16", inputs["identity_txt"], big,
+                     tmp_path / "u16.nii.gz", "--reference", big]) == 0
+    assert "warning" not in capfd.readouterr().err
+
+
+def test_near_empty_and_tiny_images_are_warned_about(inputs, tiny_weights, tmp_path, capfd):
+    one = np.zeros((40, 40, 40), np.float32)
+    one[20, 20, 20] = 1.0
+    empty = save(one, np.diag([3.0, 3.0, 3.0, 1.0]), tmp_path / "one_voxel.nii.gz")
+    crop = save(blob(8), np.eye(4), tmp_path / "crop8.nii.gz")
+    for moving, expected in ((empty, "only 1 non-zero voxels"),
+                             (crop, "field of view 8 x 8 x 8 mm")):
+        assert run_main(["register", "-m", "affine", "-e", "192", "-w", tiny_weights["affine"],
+                         "-t", tmp_path / "x.lta", moving, inputs["fix"]]) == 0
+        err = capfd.readouterr().err
+        assert f"{moving.name}: {expected}" in err and "warning" in err, err
+    assert run_main(["register", "-m", "affine", "-e", "192", "-w", tiny_weights["affine"],
+                     "-t", tmp_path / "y.lta", inputs["mov"], inputs["fix"]]) == 0
+    assert "warning" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("sig, code, word", [("SIGTERM", 143, "terminated"),
+                                             ("SIGINT", 130, "interrupted")])
+def test_signals_end_with_one_line_and_no_temporary_files(inputs, tmp_path, sig, code, word):
+    """A signal while the command runs: one line, the shell's exit code, and no output or
+    temporary file left (signalled once the process has started working)."""
+    import signal as signals
+
+    out = tmp_path / "out"
+    out.mkdir()
+    script = ("import time, synthmorph_nipype.cli.commands as c, sys\n"
+              "from synthmorph_nipype.cli.main import main\n"
+              "real = c.save_image\n"
+              "def slow(img, path):\n"
+              "    real(img, path); print('writing', flush=True); time.sleep(60)\n"
+              "c.save_image = slow\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, "apply", inputs["identity_txt"], inputs["mov"],
+         out / "a.nii.gz", "--reference", inputs["fix"]],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    assert proc.stdout.readline().strip() == "writing"  # the temporary file is on disk
+    assert [p.name for p in out.iterdir()][0].startswith(".")
+    proc.send_signal(getattr(signals, sig))
+    _, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == code
+    assert err.strip().count("\n") == 0 and word in err and sig in err, err
+    assert listing(out) == []

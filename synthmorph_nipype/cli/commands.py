@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
+
+import numpy as np
 
 from ..engine.register import pick_device, set_threads
 from ..engine.register import register as run_register
 from ..engine.resample import header_only, resample, save_image
 from ..engine.weights import find_weights, load_models
-from ..errors import InputError, SynthMorphError
+from ..errors import DataWarning, InputError, SynthMorphError
 from ..io.atomic import OutputSet
 from ..io.images import load_image
 from ..transforms.base import ImageGrid, has_shear
@@ -52,6 +55,26 @@ def _check_outputs(args: argparse.Namespace) -> None:
         raise SynthMorphError("--refine-affine applies to the affine, rigid and joint modes")
 
 
+MIN_VOXELS = 1000  # non-zero voxels below which a registration has little to go on
+MIN_FOV_MM = 40.0  # a brain registration needs a field of view at least this wide
+
+
+def _warn_if_little_to_register(path: str, img) -> None:
+    """Warn (one line) about images that register to an arbitrary answer: nearly empty,
+    or a field of view smaller than a brain's lobe."""
+    data = np.asanyarray(img.dataobj)
+    nonzero = int(np.count_nonzero(data))
+    if nonzero < MIN_VOXELS:
+        warnings.warn(f"{path}: only {nonzero} non-zero voxels; the registration has "
+                      "little to go on and its answer may be arbitrary", DataWarning,
+                      stacklevel=2)
+    fov = ImageGrid.from_image(img).zooms * np.array(img.shape[:3])
+    if float(fov.min()) < MIN_FOV_MM:
+        warnings.warn(f"{path}: field of view {' x '.join(f'{v:g}' for v in fov)} mm is "
+                      f"smaller than {MIN_FOV_MM:g} mm along an axis; is this a brain image?",
+                      DataWarning, stacklevel=2)
+
+
 def _header_only(img, chain, command: str):
     moved = header_only(img, chain)
     if has_shear(moved.affine):
@@ -70,6 +93,8 @@ def register(args: argparse.Namespace) -> None:
     set_threads(args.threads)
     device = pick_device(False if args.cpu else True if args.gpu else None)
     moving, fixed = load_image(args.moving), load_image(args.fixed)
+    for path, img in ((args.moving, moving), (args.fixed, fixed)):
+        _warn_if_little_to_register(path, img)
     for path, img in [(p, fixed) for p in args.trans] + [(p, moving) for p in args.inverse]:
         if transform_suffix(path) in (".h5", ".nii", ".nii.gz") and has_shear(
                 img.affine) and args.mode not in ("affine", "rigid"):
@@ -80,6 +105,11 @@ def register(args: argparse.Namespace) -> None:
         init = load_transform(args.init).chain
         if init.as_affine() is None:
             raise InputError(f"{args.init}: the initial transform must be affine")
+        lin = init.as_affine().matrix[:3, :3]
+        if not np.all(np.isfinite(lin)) or abs(np.linalg.det(lin)) < 1e-6 * max(
+                1.0, float(np.abs(lin).max()) ** 3):
+            raise InputError(f"{args.init}: the initial transform is singular (not "
+                             "invertible)")
     files = find_weights(args.mode, args.weights)
     lam = 0.5 if args.lam is None else args.lam
     models = load_models(args.mode, files, lam=lam)

@@ -37,6 +37,17 @@ def _non_negative(text: str) -> int:
     return int(text)
 
 
+MAX_STEPS = 16  # 2**16 halvings already leave a velocity far below a voxel's precision
+
+
+def _int_steps(text: str) -> int:
+    value = _non_negative(text)
+    if value > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"integration steps must lie in 0..{MAX_STEPS}, "
+                                         f"got {text}")
+    return value
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
@@ -75,8 +86,8 @@ def build_parser() -> Parser:
     reg.add_argument("-i", "--init", metavar="INIT", help="initial affine transform (any format)")
     reg.add_argument("-r", "--regularization", dest="lam", type=_unit_interval, default=None,
                      metavar="LAMBDA", help="regularization weight in (0, 1) (default: 0.5)")
-    reg.add_argument("-n", "--steps", type=_non_negative, default=7,
-                     help="integration steps (default: 7)")
+    reg.add_argument("-n", "--steps", type=_int_steps, default=7,
+                     help=f"integration steps, 0..{MAX_STEPS} (default: 7)")
     reg.add_argument("-e", "--extent", type=_extent, default=256,
                      help="isotropic network extent, 192 or 256 (default: 256)")
     reg.add_argument("-w", "--weights", action="append", metavar="WEIGHTS",

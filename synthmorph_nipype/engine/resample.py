@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import nibabel as nb
 import numpy as np
 import torch
 
-from ..errors import SynthMorphError
+from ..errors import DataWarning, SynthMorphError
 from ..ops.grid import apply_affine
 from ..ops.sampling import sample_linear, sample_nearest
 from ..transforms.base import ImageGrid, Transform
@@ -58,9 +59,15 @@ def _check_fill(fill: float, dtype: np.dtype) -> None:
 
 
 def _cast(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    if dtype.kind in "iu" and data.dtype.kind == "f":
+    if dtype.kind in "iu" and data.dtype.kind in "fiu":
         info = np.iinfo(dtype)
-        data = np.clip(np.rint(data), info.min, info.max)
+        lo, hi = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
+        if lo < info.min - 0.5 or hi > info.max + 0.5:
+            warnings.warn(f"values {lo:g} to {hi:g} do not fit {dtype} ({info.min} to "
+                          f"{info.max}): clipped", DataWarning, stacklevel=3)
+        if data.dtype.kind == "f":
+            data = np.rint(data)
+        data = np.clip(data, info.min, info.max)
     return data.astype(dtype)
 
 

@@ -39,6 +39,10 @@ def load_image(path: str | Path, *, check_values: bool = True) -> nb.spatialimag
         shape = shape[:-1]
     if len(shape) < 3:
         raise InputError(f"{path}: image is {len(shape)}-D, need a 3-D volume")
+    if len(shape) > 4:
+        raise InputError(f"{path}: image is {len(shape)}-D with shape {tuple(img.shape)} "
+                         "(a vector or tensor image, e.g. a displacement field?), need a "
+                         "3-D volume")
     if len(shape) > 3:
         raise InputError(f"{path}: image is 4-D with {shape[3]} frames, need a 3-D volume "
                          "(extract one frame first, e.g. with fslroi or mri_convert --frame)")
