@@ -202,6 +202,42 @@ def test_subject_without_anatomy_is_skipped_or_refused(demo_bids, tiny_weights, 
     assert [u.subject for u in units] == ["01", "02"]  # sub-03 skipped with a warning
 
 
+def test_unreadable_file_skips_its_subject_and_the_others_run(demo_bids, tiny_weights,
+                                                             tmp_path, capsys, caplog):
+    """A DataLad-style broken symlink (sub-02's T2w, never fetched) and a corrupt T1w of a
+    third subject: both are skipped with a warning naming the file, sub-01 is processed,
+    and the exit code says that some units were skipped. Several T1w runs: the first is
+    used, and the warning lists them."""
+    bids = tmp_path / "bids"
+    shutil.copytree(demo_bids, bids)
+    t2w = bids / "sub-02" / "anat" / "sub-02_T2w.nii.gz"
+    t2w.unlink()
+    t2w.symlink_to("../../.git/annex/objects/XX/never-fetched.nii.gz")
+    (bids / "sub-03" / "anat").mkdir(parents=True)
+    (bids / "sub-03" / "anat" / "sub-03_T1w.nii.gz").write_bytes(b"\x1f\x8b garbage")
+    anat = bids / "sub-01" / "anat"
+    shutil.copy(anat / "sub-01_T1w.nii.gz", anat / "sub-01_run-2_T1w.nii.gz")
+    shutil.move(anat / "sub-01_T1w.nii.gz", anat / "sub-01_run-1_T1w.nii.gz")
+    out = tmp_path / "out"
+    code = main([str(bids), str(out), "participant", "--skip-bids-validation",
+                 "-w", str(tmp_path / "work"), *common(tiny_weights["joint"])])
+    err = capsys.readouterr().err + caplog.text  # the log reaches one or the other
+    assert code == EXIT["some_skipped"]
+    assert "sub-02: skipped" in err and "sub-02_T2w.nii.gz: broken symlink" in err
+    assert "sub-03: skipped" in err and "sub-03_T1w.nii.gz: not readable" in err
+    assert ("2 T1w images (sub-01_run-1_T1w.nii.gz, sub-01_run-2_T1w.nii.gz); using the "
+            "first, sub-01_run-1_T1w.nii.gz") in err
+    assert "Traceback" not in err
+    xfms = sorted(p.name for p in out.rglob("*_xfm.h5"))
+    assert xfms and all(name.startswith("sub-01_") for name in xfms)
+    assert not (out / "sub-02").exists() and not (out / "sub-03").exists()
+    # only unreadable subjects left: refused up front, nothing written
+    code, line = _code([bids, tmp_path / "out2", "participant", "--participant-label", "02",
+                        "--skip-bids-validation", *common(tiny_weights["joint"])], capsys)
+    assert code == EXIT["no_anatomy"] and "sub-02" in line
+    assert not (tmp_path / "out2").exists()
+
+
 def test_dataset_description_written_once_under_concurrency(tmp_path):
     def write():
         write_dataset_description(tmp_path)

@@ -26,6 +26,7 @@ EXIT = {
     "workflow_failed": 10,
     "bad_template": 11,
     "no_weights": 12,
+    "some_skipped": 13,  # the others were processed
 }
 ANAT_CONTRASTS = ("T1w", "T2w", "FLAIR", "PDw", "T2starw", "inplaneT1", "inplaneT2")
 
@@ -102,12 +103,34 @@ def index_dataset(bids_dir: str | Path, *, validate: bool = True,
                            "not_bids") from None
 
 
+def unreadable(path: str | Path) -> str | None:
+    """Why an image cannot be read (None when its header can): a broken symlink (e.g. a
+    DataLad file never fetched), a missing file, or a file nibabel cannot open."""
+    import nibabel as nb
+
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return "broken symlink (not fetched?)"
+    if not path.is_file():
+        return "not a file"
+    try:
+        nb.load(str(path)).header  # noqa: B018 - reading the header is the check
+    except Exception as err:  # noqa: BLE001 - nibabel raises many kinds
+        return f"not readable ({err.__class__.__name__})"
+    return None
+
+
 def select_units(layout, *, participants=None, sessions=None,
-                 contrasts=("T1w", "T2w", "FLAIR", "PDw"), filters=None) -> list[Unit]:
+                 contrasts=("T1w", "T2w", "FLAIR", "PDw"), filters=None,
+                 skipped: list[str] | None = None) -> list[Unit]:
     """The (subject, session) units to process, each with its anatomical images.
 
     A requested participant absent from the dataset is an error; a subject without any
-    image of ``contrasts`` is skipped with a warning, and an error only when none is left.
+    image of ``contrasts``, or with an image that cannot be read (a broken symlink, a
+    corrupt header), is skipped with a warning naming it (and listed in ``skipped`` when
+    given), and an error only when none is left. Of several runs of a contrast the first
+    (lowest ``run-``) is used, with a warning: choose another with
+    ``--bids-filter-file``.
     """
     filters = filters or {}
     present = sorted(layout.get_subjects())
@@ -119,7 +142,8 @@ def select_units(layout, *, participants=None, sessions=None,
     if not wanted:
         raise BIDSAppError(f"{layout.root}: no participants in the dataset", "no_participants")
     want_ses = [strip_prefix(s, "ses-") for s in sessions] if sessions else None
-    units, skipped = [], []
+    units: list[Unit] = []
+    skipped = [] if skipped is None else skipped
     for subject in wanted:
         ses_list = layout.get_sessions(subject=subject) or [None]
         if want_ses is not None:
@@ -138,18 +162,26 @@ def select_units(layout, *, participants=None, sessions=None,
                                        "bad_filter") from None
                 if files:
                     if len(files) > 1:
-                        LOGGER.warning("sub-%s: %d %s images, using %s", subject, len(files),
-                                       contrast, Path(files[0]).name)
+                        LOGGER.warning("sub-%s: %d %s images (%s); using the first, %s "
+                                       "(choose another with --bids-filter-file)", subject,
+                                       len(files), contrast,
+                                       ", ".join(Path(f).name for f in files),
+                                       Path(files[0]).name)
                     found[contrast] = files[0]
             label = f"sub-{subject}" + (f"_ses-{session}" if session else "")
+            bad = {f: why for f in found.values() if (why := unreadable(f))}
+            if bad:
+                for f, why in bad.items():
+                    LOGGER.warning("%s: skipped, %s: %s", label, f, why)
+                skipped.append(label)
+                continue
             if not found:
+                LOGGER.warning("%s: no usable anatomical image (%s), skipped", label,
+                               "/".join(contrasts))
                 skipped.append(label)
                 continue
             ref = "T1w" if "T1w" in found else next(c for c in contrasts if c in found)
             units.append(Unit(subject, session, found.pop(ref), ref, found))
-    for label in skipped:
-        LOGGER.warning("%s: no usable anatomical image (%s), skipped", label,
-                       "/".join(contrasts))
     if not units:
         kind = "no_anatomy" if skipped else "no_participants"
         what = "no usable anatomical images" if skipped else "no participants match"

@@ -10,7 +10,14 @@ from pathlib import Path
 from .. import __version__
 from ..errors import SynthMorphError
 from .derivatives import sha256, write_dataset_description
-from .inputs import BIDSAppError, check_output_dir, index_dataset, read_filters, select_units
+from .inputs import (
+    EXIT,
+    BIDSAppError,
+    check_output_dir,
+    index_dataset,
+    read_filters,
+    select_units,
+)
 
 LOGGER = logging.getLogger("synthmorph_bids")
 
@@ -47,9 +54,10 @@ def run_participant(args) -> int:
     # every check before anything is written
     layout = index_dataset(args.bids_dir, validate=not args.skip_bids_validation)
     output_dir = check_output_dir(args.bids_dir, args.output_dir)
+    skipped: list[str] = []
     units = select_units(layout, participants=args.participant_label,
                          sessions=args.session_label, contrasts=args.contrasts,
-                         filters=read_filters(args.bids_filter_file))
+                         filters=read_filters(args.bids_filter_file), skipped=skipped)
     plugin, plugin_args = plugin_settings(args)
     weights, info, models = _weights_info(args.mode, args.weights)
     # the refinement is pinned now (given, or what the weights recommend): every node runs
@@ -93,6 +101,10 @@ def run_participant(args) -> int:
         raise BIDSAppError(f"{first} (crash files in {crashdir})", "workflow_failed") from None
     LOGGER.info("participant level done in %.1f s; reports: %s", time.monotonic() - start,
                 ", ".join(str(output_dir / f"{u.label}.html") for u in units))
+    if skipped:
+        LOGGER.warning("%d unit(s) skipped (see the warnings above): %s", len(skipped),
+                       ", ".join(skipped))
+        return EXIT["some_skipped"]
     return 0
 
 
