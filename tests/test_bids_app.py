@@ -284,3 +284,28 @@ def test_demo_runs_both_levels(tiny_weights, tmp_path, capsys):
     raw = BIDSLayout(str(tmp_path / "demo" / "bids"))  # the demo dataset is valid BIDS
     assert raw.get_subjects() == ["01", "02", "03"]
     assert len(raw.get(suffix="T2w", extension=".nii.gz")) == 3
+
+
+def _validator_errors(root: Path) -> list[str]:
+    """The errors the official BIDS validator (bids-validator-deno) finds in ``root``."""
+    import subprocess
+
+    exe = shutil.which("bids-validator-deno")
+    if exe is None:
+        pytest.skip("bids-validator-deno is not installed (pip install .[test])")
+    run = subprocess.run([exe, "--format", "json", str(root)], capture_output=True,
+                         text=True, timeout=600)
+    report = json.loads(run.stdout)
+    issues = report["issues"]["issues"]
+    return sorted({f"{i['code']}: {i.get('location', '')}" for i in issues
+                   if i.get("severity") == "error"})
+
+
+def test_official_validator_finds_no_errors(participant_run, demo_bids):
+    """The raw demo dataset and the derivatives of both levels (transforms, resampled
+    images, reports, figures, logs, group summary) pass bids-validator-deno."""
+    out, _ = participant_run
+    assert main([str(demo_bids), str(out), "group"]) == 0
+    assert (out / "group_summary.tsv").is_file()
+    assert _validator_errors(demo_bids) == []
+    assert _validator_errors(out) == []

@@ -109,9 +109,17 @@ link fails on an existing name) and an existing description is kept."""
         finally:
             Path(tmp).unlink(missing_ok=True)
     ignore = out / ".bidsignore"
-    if not ignore.exists():
-        atomic_write_text(ignore, "*_xfm.*\n*.html\n")
+    have = ignore.read_text().splitlines() if ignore.exists() else []
+    missing = [line for line in BIDSIGNORE if line not in have]
+    if missing:  # (an older version's file gets the lines it lacks)
+        atomic_write_text(ignore, "\n".join([*have, *missing]) + "\n")
     return desc
+
+
+#: What the BIDS validator is told to skip: transforms (no BIDS name for them yet), the
+#: reports, their figures and logs, and the group-level files (as fMRIPrep does). Folder
+#: names without a trailing slash: the validator (3.x) ignores "figures/" patterns.
+BIDSIGNORE = ("*_xfm.*", "*.html", "figures", "log", "logs", "group_summary.tsv")
 
 
 class _DerivativeSinkInputSpec(BaseInterfaceInputSpec):

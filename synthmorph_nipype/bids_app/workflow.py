@@ -62,6 +62,24 @@ def init_synthmorph_bids_wf(
     return workflow
 
 
+def _resolution(template, entities: dict) -> dict:
+    """The ``Resolution`` sidecar entry a ``res-`` entity needs (empty without one)."""
+    if "res" not in entities:
+        return {}
+    import nibabel as nb
+
+    zooms = nb.load(str(template.t1w)).header.get_zooms()[:3]
+    size = " x ".join(f"{z:g}" for z in zooms)
+    return {"Resolution": {str(entities["res"]): f"the {size} mm grid of {template.name}'s "
+                           f"res-{entities['res']} template"}}
+
+
+def _bids_uri(path, bids_dir) -> str:
+    """``bids:raw:`` URI of a file of the raw dataset (the path itself elsewhere)."""
+    path, root = Path(path).resolve(), Path(bids_dir).resolve()
+    return f"bids:raw:{path.relative_to(root)}" if root in path.parents else str(path)
+
+
 def _sink(name: str, output_dir, bids_dir, entities: dict, sources, metadata=None):
     return pe.Node(DerivativeSink(output_dir=str(output_dir), bids_dir=str(bids_dir),
                                   entities=entities, source_file=sources,
@@ -101,6 +119,10 @@ def init_single_unit_wf(*, unit: Unit, template: Template, output_dir, bids_dir,
     ext = ".h5"  # fMRIPrep looks for .h5 composites, affine ones included
     to_h5 = pe.Node(niu.Function(function=_as_itk_h5, input_names=["forward", "inverse"],
                                  output_names=["forward", "inverse"]), name="to_h5")
+    # what the validator requires of a resampled anatomical image: whether it was
+    # skull-stripped (not by us: the input's skull, if any, is kept), and the meaning of
+    # the res- entity
+    image_meta = {**reg_meta, "SkullStripped": False, **_resolution(template, tpl_ent)}
     sinks = {
         "fwd": _sink("ds_anat2std_xfm", output_dir, bids_dir,
                      {**unit.entities, "from": ref, "to": template.name, "mode": "image",
@@ -110,7 +132,7 @@ def init_single_unit_wf(*, unit: Unit, template: Template, output_dir, bids_dir,
                       "suffix": "xfm", "extension": ext}, [unit.reference], reg_meta),
         "moved": _sink("ds_std_preproc", output_dir, bids_dir,
                        {**unit.entities, "space": template.name, **tpl_ent, "desc": "preproc",
-                        "suffix": ref}, [unit.reference], reg_meta),
+                        "suffix": ref}, [unit.reference], image_meta),
     }
     workflow.connect([
         (reg_wf, to_h5, [("outputnode.forward_transform", "forward"),
@@ -123,7 +145,7 @@ def init_single_unit_wf(*, unit: Unit, template: Template, output_dir, bids_dir,
         ds_lambda = _sink("ds_std_lambda", output_dir, bids_dir,
                           {**unit.entities, "space": template.name, **tpl_ent,
                            "desc": "lambda", "suffix": ref}, [unit.reference],
-                          {**reg_meta, "Description": "voxel-wise regularisation weight "
+                          {**image_meta, "Description": "voxel-wise regularisation weight "
                            "of the spatially varying model, in (0, 1]"})
         workflow.connect(reg_wf, "outputnode.lambda_map", ds_lambda, "in_file")
     report = pe.Node(niu.Function(function=_report, output_names=["out_report"]),
@@ -169,7 +191,9 @@ def init_single_unit_wf(*, unit: Unit, template: Template, output_dir, bids_dir,
                         "suffix": "xfm", "extension": ".txt"}, [path, unit.reference], meta)
         ds_img = _sink(f"ds_{contrast.lower()}_preproc", output_dir, bids_dir,
                        {**unit.entities, "space": ref, "desc": "preproc", "suffix": contrast},
-                       [path, unit.reference], meta)
+                       [path, unit.reference],
+                       {**meta, "SkullStripped": False,
+                        "SpatialReference": _bids_uri(unit.reference, bids_dir)})
         workflow.connect([
             (co_wf, ds_xfm, [("outputnode.forward_transform", "in_file")]),
             (co_wf, ds_img, [("outputnode.moved_image", "in_file")]),
