@@ -21,9 +21,10 @@ def resample(img, transform: Transform, reference: ImageGrid, *, method: str = "
              fill: float = 0.0, dtype=None):
     """Resample ``img`` onto ``reference`` through the pull-back ``transform``.
 
-    Linear interpolation gives ``fill`` outside the image; ``nearest`` copies voxel values
-    (label maps keep their labels). The output dtype is ``dtype`` or the input's; values
-    are rounded and clipped for integer types.
+    Linear interpolation gives ``fill`` outside the image (outside the voxels' extent, as
+    ITK: the half voxel beyond the outer voxel centres repeats the edge); ``nearest``
+    copies voxel values (label maps keep their labels). The output dtype is ``dtype`` or
+    the input's; values are rounded and clipped for integer types.
     """
     if method not in ("linear", "nearest"):
         raise SynthMorphError(f"unknown interpolation {method!r}, use linear or nearest")
@@ -44,7 +45,9 @@ def resample(img, transform: Transform, reference: ImageGrid, *, method: str = "
         pts = transform.map(ref_pts[start:start + SLAB])
         idx = apply_affine(to_index, torch.from_numpy(pts))
         if method == "linear":
-            out.append(sample_linear(vol, idx.float(), boundary="zeros", fill=fill))
+            # ITK's rule (values up to half a voxel beyond the edge centres), so that
+            # ITK, ANTs and SimpleITK give the same image through our transforms
+            out.append(sample_linear(vol, idx.float(), boundary="itk", fill=fill))
         else:
             out.append(sample_nearest(vol, idx, fill=fill))
     data = torch.cat(out).reshape(*reference.shape, *vol.shape[3:]).numpy()

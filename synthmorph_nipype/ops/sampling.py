@@ -11,6 +11,13 @@ rules are offered, the two that SynthMorph uses:
 ``"clamp"``
     Coordinates are clamped to ``[0, n - 1]`` first (edge replication). This is how
     displacement fields are interpolated.
+
+A third rule is ITK's, for resampling that users compare with ITK, ANTs or SimpleITK:
+
+``"itk"``
+    A point is inside when every coordinate lies in ``[-0.5, n - 0.5)`` (the voxels'
+    extent, not their centres); inside, neighbours are clamped to the grid, so the half
+    voxel beyond the last centre repeats the edge value; outside gets ``fill``.
 """
 
 from __future__ import annotations
@@ -49,8 +56,11 @@ def sample_linear(
     tensor([3.5000, 7.0000, 0.0000])
     >>> sample_linear(v, torch.tensor([[1.2, 0.0, 0.0]]), boundary="clamp")
     tensor([4.])
+    >>> sample_linear(v, torch.tensor([[1.2, 0, 0], [1.5, 0, 0], [-0.5, 0, 0]]),
+    ...               boundary="itk", fill=-1)
+    tensor([ 4., -1.,  0.])
     """
-    if boundary not in ("zeros", "clamp"):
+    if boundary not in ("zeros", "clamp", "itk"):
         raise ValueError(f"unknown boundary rule {boundary!r}")
     squeeze = vol.ndim == 3
     if squeeze:
@@ -73,6 +83,8 @@ def sample_linear(
         res = res.view(vol.shape[3], -1).T
         if boundary == "zeros":
             res[((p < 0) | (p > hi)).any(dim=-1)] = fill
+        elif boundary == "itk":
+            res[((p < -0.5) | (p >= hi + 0.5)).any(dim=-1)] = fill
         out[start:start + CHUNK] = res
     out = out.reshape(*lead, vol.shape[3])
     return out[..., 0] if squeeze else out
