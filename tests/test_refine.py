@@ -232,3 +232,90 @@ def test_refine_affine_from_the_command_line(nipype_pair, tmp_path, capsys):
     assert main(base + ["-m", "deform", "--refine-affine", "4"]) != 0
     assert "--refine-affine applies to the affine, rigid and joint modes" in (
         capsys.readouterr().err)
+
+
+def _distractor_pair(n=48):
+    """Image 2: a textured ball (the "brain") and, apart from it, a large bright textured
+    slab (a "distractor", like a head that only one image shows). Image 1: the ball moved
+    by a known shift, the slab where it was. Returns both images, the truth (image 2
+    index -> image 1 index) and the balls' masks."""
+    blobs = smooth((n, n, n), 3, passes=4)
+    blobs = (blobs - blobs.min()) / (blobs.max() - blobs.min())
+    grid = voxel_grid((n, n, n))
+    centre = torch.tensor([0.36 * (n - 1), (n - 1) / 2, (n - 1) / 2])
+    ball = (grid - centre).norm(dim=-1) < n / 4
+    slab = (grid[..., 0] > 0.71 * n) & (grid[..., 0] < 0.94 * n)
+    truth = np.eye(4)
+    truth[:3, 3] = [2.5, -2.0, 2.0]
+    shift = torch.tensor(truth[:3, 3], dtype=torch.float32)
+    image_2 = torch.where(ball, 0.3 + 0.7 * blobs, 0.0) + torch.where(slab, 2 * blobs, 0)
+    moved_ball = sample_linear(ball.float(), grid - shift) > 0.5
+    image_1 = torch.where(moved_ball, 0.3 + 0.7 * sample_linear(blobs, grid - shift), 0.0) \
+        + torch.where(slab, 2 * blobs, 0)
+    return image_1, image_2, truth, moved_ball.float(), ball.float()
+
+
+def test_masks_keep_a_distractor_out_of_the_affine_refinement():
+    """Without masks the static slab holds the matrix near the identity; with the balls'
+    masks (as ANTs' -x) the refinement finds the ball's shift."""
+    image_1, image_2, truth, mask_1, mask_2 = _distractor_pair()
+    start = np.eye(4)
+    errors = {}
+    for name, masks in (("none", (None, None)), ("fixed", (None, mask_2)),
+                        ("both", (mask_1, mask_2))):
+        refined, _ = refine_matrix(start, image_1, image_2, iterations=60, pools=(2, 1),
+                                   mask_1=masks[0], mask_2=masks[1])
+        errors[name] = float(np.abs(refined[:3, 3] - truth[:3, 3]).max())
+    assert errors["none"] > 0.8, errors  # the distractor holds it back without masks
+    assert errors["fixed"] < 0.5 and errors["both"] < 0.5, errors
+    assert max(errors["fixed"], errors["both"]) < 0.6 * errors["none"], errors
+
+
+def test_masks_keep_a_distractor_out_of_the_deformable_refinement():
+    """The slab far from the ball moves the field without masks; with the fixed image's
+    mask, no voxel of the field there changes (nothing outside the mask pulls), while
+    the field inside still moves."""
+    n = 32
+    image_1, image_2, _, _, mask_2 = _distractor_pair(n)
+    slab_core = torch.zeros(n, n, n, dtype=torch.bool)
+    slab_core[int(0.76 * n):int(0.9 * n), 8:-8, 8:-8] = True  # > 8 voxels from the ball
+    changed = {}
+    for name, mask in (("none", None), ("fixed", mask_2)):
+        svf, _ = refine_svf(torch.zeros(n, n, n, 3), image_1, image_2, iterations=1,
+                            lam=0.0, similarity="ncc", lr=0.1, mask_2=mask)
+        moved = svf.norm(dim=-1)
+        changed[name] = (float(moved[slab_core].max()), float(moved[mask_2 > 0.5].max()))
+    assert changed["none"][0] > 0.01, changed  # the distractor pulls without a mask
+    assert changed["fixed"][0] == 0.0 and changed["fixed"][1] > 0.01, changed
+
+
+def test_masks_from_the_command_line(nipype_pair, tmp_path, capsys):
+    """--moving-mask keeps a bright slab that only the moving image shows out of the
+    affine refinement; empty masks and masks without a refinement are refused."""
+    img = nb.load(nipype_pair["moving"])
+    data = np.asarray(img.dataobj, dtype=np.float32).copy()
+    mask = np.asarray(nb.load(nipype_pair["mask"]).dataobj) > 0
+    slab = np.zeros(data.shape, bool)
+    slab[:, :, -30:] = True  # the top of the field of view, above most of the brain
+    data[slab & ~mask] = 1.5 * data.max()
+    moving = tmp_path / "moving_slab.nii.gz"
+    nb.save(nb.Nifti1Image(data, img.affine), moving)
+    base = ["register", "-m", "affine", "-e", "192", "-j", "1", "--refine-affine", "40",
+            "-w", str(nipype_pair["weights"]), str(moving), str(nipype_pair["fixed"])]
+    errors = {}
+    for name, extra in (("none", []), ("mask", ["--moving-mask", str(nipype_pair["mask"])])):
+        out = tmp_path / f"{name}.txt"
+        assert main(base + ["-t", str(out), *extra]) == 0
+        from synthmorph_nipype.transforms import load_transform
+        errors[name] = _pair_error(load_transform(out).chain, nipype_pair["fixed"],
+                                   (5.0, -3.0, 6.0), (4.0, -6.0, 3.0))
+    capsys.readouterr()
+    assert errors["mask"] < 0.5 and errors["mask"] < errors["none"], errors
+    empty = tmp_path / "empty.nii.gz"
+    nb.save(nb.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), empty)
+    assert main(base + ["-t", str(tmp_path / "e.txt"), "-x", str(empty)]) == 1
+    assert "empty.nii.gz: the mask is empty" in capsys.readouterr().err
+    off = [a if a != "40" else "0" for a in base]
+    assert main(off + ["-t", str(tmp_path / "o.txt"), "-x", str(nipype_pair["mask"])]) == 1
+    assert "masks restrict the test-time refinement, which is off" in capsys.readouterr().err
+    assert not any((tmp_path / n).exists() for n in ("e.txt", "o.txt"))

@@ -34,6 +34,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
                ("--out-lambda", args.out_lambda), *(("-t", p) for p in args.trans),
                *(("-T", p) for p in args.inverse)]
     inputs = [("MOVING", args.moving), ("FIXED", args.fixed), ("-i", args.init),
+              ("--fixed-mask", args.fixed_mask), ("--moving-mask", args.moving_mask),
               *(("-w", p) for p in args.weights or [])]
     OutputSet.check_distinct(outputs, inputs)
     for _, path in outputs:
@@ -53,6 +54,16 @@ def _check_outputs(args: argparse.Namespace) -> None:
         raise SynthMorphError("--refine applies to the deformable modes (joint, deform)")
     if args.refine_affine and args.mode == "deform":
         raise SynthMorphError("--refine-affine applies to the affine, rigid and joint modes")
+
+
+def _load_mask(path: str | None):
+    """A mask image (non-zero is inside); refused when it is empty."""
+    if not path:
+        return None
+    img = load_image(path, check_values=False)
+    if not np.any(np.asanyarray(img.dataobj)):
+        raise InputError(f"{path}: the mask is empty (no non-zero voxel)")
+    return img
 
 
 MIN_VOXELS = 1000  # non-zero voxels below which a registration has little to go on
@@ -95,6 +106,7 @@ def register(args: argparse.Namespace) -> None:
     moving, fixed = load_image(args.moving), load_image(args.fixed)
     for path, img in ((args.moving, moving), (args.fixed, fixed)):
         _warn_if_little_to_register(path, img)
+    moving_mask, fixed_mask = _load_mask(args.moving_mask), _load_mask(args.fixed_mask)
     for path, img in [(p, fixed) for p in args.trans] + [(p, moving) for p in args.inverse]:
         if transform_suffix(path) in (".h5", ".nii", ".nii.gz") and has_shear(
                 img.affine) and args.mode not in ("affine", "rigid"):
@@ -121,6 +133,16 @@ def register(args: argparse.Namespace) -> None:
     if args.out_lambda and not spatial:
         raise SynthMorphError(f"{args.out_lambda}: the {args.mode} model has no spatially "
                               "varying regularisation (no lambda map to write)")
+    if args.fixed_mask or args.moving_mask:
+        steps = []  # the refinements this mode runs: the masks act on nothing else
+        if args.mode != "deform":
+            steps.append(models.refine_affine if args.refine_affine is None
+                         else args.refine_affine)
+        if args.mode in ("joint", "deform"):
+            steps.append(models.refine if args.refine is None else args.refine)
+        if not any(steps):
+            raise SynthMorphError("masks restrict the test-time refinement, which is off "
+                                  "here (give --refine-affine / --refine N)")
     start = time.perf_counter()
     outputs = tuple(name for name, wanted in (("forward", args.trans or args.out_moving),
                                               ("inverse", args.inverse or args.out_fixed))
@@ -129,7 +151,8 @@ def register(args: argparse.Namespace) -> None:
                           steps=args.steps, init=init, device=device, outputs=outputs,
                           refine=args.refine, lam=lam,
                           similarity=args.refine_similarity,
-                          refine_affine=args.refine_affine)
+                          refine_affine=args.refine_affine, moving_mask=moving_mask,
+                          fixed_mask=fixed_mask)
     elapsed = time.perf_counter() - start
     with OutputSet() as out:
         for path in args.trans:

@@ -84,6 +84,11 @@ def build_parser() -> Parser:
     reg.add_argument("-H", "--header-only", action="store_true",
                      help="-o/-O by changing the header, no resampling (affine, rigid)")
     reg.add_argument("-i", "--init", metavar="INIT", help="initial affine transform (any format)")
+    reg.add_argument("-x", "--fixed-mask", metavar="MASK",
+                     help="the test-time refinements count the similarity only inside this "
+                     "mask of FIXED (non-zero voxels, any grid; dilated by 4 mm), as ANTs' "
+                     "-x: e.g. a brain mask against a head")
+    reg.add_argument("--moving-mask", metavar="MASK", help="the same for MOVING")
     reg.add_argument("-r", "--regularization", dest="lam", type=_unit_interval, default=None,
                      metavar="LAMBDA", help="regularization weight in (0, 1) (default: 0.5)")
     reg.add_argument("-n", "--steps", type=_int_steps, default=7,

@@ -42,28 +42,33 @@ def _batch(x: torch.Tensor) -> torch.Tensor:
     return x[None, None]
 
 
+Masks = tuple[torch.Tensor | None, torch.Tensor | None]
+
+
 def _refined(matrix: np.ndarray, inp_1: torch.Tensor, inp_2: torch.Tensor, rigid: bool,
-             iterations: int, stages: dict) -> np.ndarray:
+             iterations: int, stages: dict, masks: Masks = (None, None)) -> np.ndarray:
     """``matrix`` (full-resolution indices) after test-time refinement, if asked for."""
     if iterations <= 0:
         return matrix
     refined, history = refine_matrix(matrix, inp_1, inp_2, iterations=iterations,
-                                     rigid=rigid)
+                                     rigid=rigid, mask_1=masks[0], mask_2=masks[1])
     stages["refine_affine_loss"] = history
     return refined
 
 
 @torch.no_grad()
 def run_affine(detector: AffineDetector, inp_1: torch.Tensor, inp_2: torch.Tensor,
-               keep: bool = False, refine: int = 0) -> NetworkOutput:
+               keep: bool = False, refine: int = 0, masks: Masks = (None, None)
+               ) -> NetworkOutput:
     """Affine or rigid registration of two conformed images ``(e, e, e)``; ``refine`` > 0
     optimises the matrix on the pair for that many steps (see
-    :func:`~synthmorph_nipype.engine.refine.refine_matrix`)."""
+    :func:`~synthmorph_nipype.engine.refine.refine_matrix`), its similarity restricted to
+    ``masks`` (conformed like the images; None: everywhere)."""
     extent = inp_1.shape[0]
     res = detector(_batch(inp_1), _batch(inp_2), half_res=True)
     stages: dict = {}
     out_1 = centred_to_index(res.matrix, extent)[0].cpu().numpy()
-    out_1 = _refined(out_1, inp_1, inp_2, detector.config.rigid, refine, stages)
+    out_1 = _refined(out_1, inp_1, inp_2, detector.config.rigid, refine, stages, masks)
     out_2 = np.linalg.inv(out_1)
     if keep:
         stages |= {"feat_1": res.feat_1, "feat_2": res.feat_2, "cen_1": res.cen_1,
@@ -102,7 +107,7 @@ def _full_res(half_tot: torch.Tensor, extent: int) -> torch.Tensor:
 @torch.no_grad()
 def deformable_inputs(inp_1: torch.Tensor, inp_2: torch.Tensor,
                       detector: AffineDetector | None = None, refine_affine: int = 0,
-                      stages: dict | None = None):
+                      stages: dict | None = None, masks: Masks = (None, None)):
     """The half-resolution inputs of the deformable network: both images resampled into
     the affine mid-space the detector finds (or simply subsampled without a detector).
 
@@ -119,7 +124,7 @@ def deformable_inputs(inp_1: torch.Tensor, inp_2: torch.Tensor,
     if refine_affine > 0:
         full = HALF @ centred_to_index(mat, half)[0].cpu().numpy() @ np.linalg.inv(HALF)
         full = _refined(full, inp_1, inp_2, detector.config.rigid, refine_affine,
-                        {} if stages is None else stages)
+                        {} if stages is None else stages, masks)
         index = torch.as_tensor(np.linalg.inv(HALF) @ full @ HALF, dtype=mat.dtype)
         mat = index_to_centred(index, half)[None].to(mat.device)
     mid_1 = centred_to_index(sqrtm(mat), half)[0].cpu().numpy()
@@ -136,22 +141,27 @@ def deformable_inputs(inp_1: torch.Tensor, inp_2: torch.Tensor,
 def run_deformable(unet: UNet, inp_1: torch.Tensor, inp_2: torch.Tensor, *, steps: int = 7,
                    detector: AffineDetector | None = None, keep: bool = False,
                    refine: int = 0, lam: float = 0.5, similarity: str = "ncc",
-                   refine_affine: int = 0) -> NetworkOutput:
+                   refine_affine: int = 0, masks: Masks = (None, None)) -> NetworkOutput:
     """Deformable (``detector=None``: the inputs are already affinely aligned) or joint
     registration, with the deformable step in the affine mid-space. ``refine`` > 0
     optimises the network's SVF on the pair for that many steps (see
     :func:`~synthmorph_nipype.engine.refine.refine_svf`), ``refine_affine`` > 0 the
-    detector's matrix first."""
+    detector's matrix first; both refinements count the similarity inside ``masks``
+    only (conformed like the images; None: everywhere)."""
     extent = inp_1.shape[0]
     stages: dict = {}
     def_1, def_2, half_aff_1, half_aff_2, affine_1 = deformable_inputs(
-        inp_1, inp_2, detector, refine_affine, stages)
+        inp_1, inp_2, detector, refine_affine, stages, masks)
     svf, lam_map = _svf(unet, def_1, def_2)
     if refine > 0:
+        grid = def_1.shape
+        mid = tuple(None if m is None else
+                    sample_linear(m, affine_points(aff, grid, device=m.device))
+                    for m, aff in zip(masks, (half_aff_1, half_aff_2), strict=True))
         # a spatially varying model's map weights the smoothness voxel by voxel
         svf, history = refine_svf(svf, def_1, def_2, iterations=refine, lam=lam,
                                   similarity=similarity, steps=steps, pool=REFINE_POOL,
-                                  weight=lam_map)
+                                  weight=lam_map, mask_1=mid[0], mask_2=mid[1])
         stages["refine_loss"] = history
     disp_1, disp_2 = integrate_svf(svf, steps), integrate_svf(-svf, steps)
     tot_1, tot_2 = _half_total(disp_1, half_aff_1), _half_total(disp_2, half_aff_2)

@@ -5,6 +5,12 @@ then takes it as the starting point of ``iterations`` Adam steps on the same obj
 form the network was trained with, ``(1 - lambda) * similarity + lambda * Grad-l2``, but
 with an image similarity (no labels at test time), symmetrically: image 1 pulled onto
 image 2 and image 2 onto image 1 through the inverse (the negated SVF).
+
+Masks (``mask_1``, ``mask_2``: weights in [0, 1] on the images' grids, as ANTs' ``-x``)
+restrict the similarity to the voxels they cover: each direction counts the voxels inside
+the mask of the grid it is computed on and inside the other image's mask carried along
+with the moved image (as weights only: no gradient flows through them), so a head outline
+outside a brain mask pulls nothing.
 """
 
 from __future__ import annotations
@@ -20,9 +26,25 @@ from ..ops.sampling import sample_linear
 from ..ops.similarity import IMAGE_SIMILARITIES, fixed_similarity
 
 
+def _weights(mask_here: torch.Tensor | None, moved_mask: torch.Tensor | None
+             ) -> torch.Tensor | None:
+    """The similarity weight on one grid: its own mask times the other image's moved mask
+    (None without masks)."""
+    if mask_here is None and moved_mask is None:
+        return None
+    if mask_here is None:
+        return moved_mask
+    return mask_here if moved_mask is None else mask_here * moved_mask
+
+
+def _pooled(x: torch.Tensor | None, pool: int) -> torch.Tensor | None:
+    return None if x is None else F.avg_pool3d(x[None, None].float(), pool)[0, 0]
+
+
 def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, *,
                iterations: int, lam: float = 0.5, similarity: str = "ncc", steps: int = 7,
-               lr: float = 0.05, pool: int = 1, weight: torch.Tensor | None = None
+               lr: float = 0.05, pool: int = 1, weight: torch.Tensor | None = None,
+               mask_1: torch.Tensor | None = None, mask_2: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, list[float]]:
     """Refine a channels-last SVF ``(X, Y, Z, 3)`` (voxels) between two images ``(X, Y, Z)``
     on the same grid; returns the refined SVF and the loss before each step.
@@ -36,6 +58,8 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
     engine's pull-back convention), ``integrate(-svf)`` the reverse. With ``pool`` > 1 the
     optimisation runs on a grid that many times coarser (images average-pooled, a step
     costs ``pool**3`` times less) and adds its correction, upsampled, to the fine SVF.
+    ``mask_1``, ``mask_2`` (``(X, Y, Z)``, optional) restrict the similarity (module
+    docstring).
     """
     if similarity not in IMAGE_SIMILARITIES:
         raise ValueError(f"unknown similarity {similarity!r}, choose from "
@@ -45,11 +69,11 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
         start = coarse[0].permute(1, 2, 3, 0)
         img_1, img_2 = (F.avg_pool3d(x[None, None].float(), pool)[0, 0]
                         for x in (image_1, image_2))
-        if weight is not None:
-            weight = F.avg_pool3d(weight[None, None].float(), pool)[0, 0]
         refined, history = refine_svf(start, img_1, img_2, iterations=iterations, lam=lam,
                                       similarity=similarity, steps=steps, lr=lr,
-                                      weight=weight)
+                                      weight=_pooled(weight, pool),
+                                      mask_1=_pooled(mask_1, pool),
+                                      mask_2=_pooled(mask_2, pool))
         change = (refined - start).permute(3, 0, 1, 2)[None]
         # pooled voxel k sits at fine voxel pool * k + (pool - 1) / 2: align_corners=False
         fine = F.interpolate(change, size=svf.shape[:3], mode="trilinear",
@@ -68,7 +92,9 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
             d1, d2 = integrate_svf(velocity, steps), integrate_svf(-velocity, steps)
             moved_1 = sample_linear(image_1, grid + d1)[None, None]
             moved_2 = sample_linear(image_2, grid + d2)[None, None]
-            similarity_term = 0.5 * (to_2(moved_1) + to_1(moved_2))
+            w_2 = _weights(_batch(mask_2), _moved(mask_1, grid + d1))  # on image 2's grid
+            w_1 = _weights(_batch(mask_1), _moved(mask_2, grid + d2))
+            similarity_term = 0.5 * (to_2(moved_1, w_2) + to_1(moved_2, w_1))
             u1, u2 = d1.permute(3, 0, 1, 2)[None], d2.permute(3, 0, 1, 2)[None]
             if weight is None:
                 smooth = 0.5 * (grad_l2(u1) + grad_l2(u2))
@@ -80,6 +106,19 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
             loss.backward()
             opt.step()
     return velocity.detach(), history
+
+
+def _batch(mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if mask is None else mask[None, None].float()
+
+
+def _moved(mask: torch.Tensor | None, points: torch.Tensor) -> torch.Tensor | None:
+    """``mask`` sampled at ``points`` (zero outside), batched; None without a mask.
+    Detached: the weights say where to compare, the optimiser cannot move them to where
+    comparing is easy."""
+    if mask is None:
+        return None
+    return sample_linear(mask.float(), points.detach())[None, None]
 
 
 def _pool_matrix(pool: int) -> np.ndarray:
@@ -128,7 +167,8 @@ def _increment(params: torch.Tensor, shift: torch.Tensor, rigid: bool) -> torch.
 
 def refine_matrix(matrix: np.ndarray, image_1: torch.Tensor, image_2: torch.Tensor, *,
                   iterations: int, similarity: str = "mind", rigid: bool = False,
-                  pools: tuple[int, ...] = (4, 2), lr: float = 0.01
+                  pools: tuple[int, ...] = (4, 2), lr: float = 0.01,
+                  mask_1: torch.Tensor | None = None, mask_2: torch.Tensor | None = None
                   ) -> tuple[np.ndarray, list[float]]:
     """Refine an affine ``matrix`` (image 2's voxel index -> image 1's voxel index, both
     images ``(X, Y, Z)`` on one grid) by Adam steps on a symmetric image similarity (image
@@ -136,8 +176,9 @@ def refine_matrix(matrix: np.ndarray, image_1: torch.Tensor, image_2: torch.Tens
     inverse), level by level of ``pools`` (average-pooling factors, coarse to fine):
     ``iterations`` steps on the coarsest, a quarter as many (and a smaller rate) on each
     finer one, where a step costs eight times as much.
-    ``rigid`` keeps rotations and translations only (on top of the starting matrix).
-    Returns the refined matrix and the loss before each step.
+    ``rigid`` keeps rotations and translations only (on top of the starting matrix);
+    ``mask_1``, ``mask_2`` (``(X, Y, Z)``, optional) restrict the similarity (module
+    docstring). Returns the refined matrix and the loss before each step.
     """
     if similarity not in IMAGE_SIMILARITIES:
         raise ValueError(f"unknown similarity {similarity!r}, choose from "
@@ -149,6 +190,8 @@ def refine_matrix(matrix: np.ndarray, image_1: torch.Tensor, image_2: torch.Tens
         steps = max(1, iterations // 4**level)
         x1 = F.avg_pool3d(image_1[None, None].float(), pool)
         x2 = F.avg_pool3d(image_2[None, None].float(), pool)
+        k1, k2 = (None if m is None else F.avg_pool3d(m[None, None].float(), pool)
+                  for m in (mask_1, mask_2))
         p, c = _pool_matrix(pool), _normalising(x1.shape[2:])
         # the matrix in centred pooled coordinates; refinement composes an increment after
         # it (on image 2's side): M' = M D
@@ -164,7 +207,10 @@ def refine_matrix(matrix: np.ndarray, image_1: torch.Tensor, image_2: torch.Tens
         with torch.enable_grad():
             for _ in range(steps):
                 m = base @ _increment(params, shift, rigid)
-                loss = 0.5 * (to_2(_pull(x1, m)) + to_1(_pull(x2, torch.linalg.inv(m))))
+                inv = torch.linalg.inv(m)
+                w_2 = _weights(k2, None if k1 is None else _pull(k1, m.detach()))
+                w_1 = _weights(k1, None if k2 is None else _pull(k2, inv.detach()))
+                loss = 0.5 * (to_2(_pull(x1, m), w_2) + to_1(_pull(x2, inv), w_1))
                 history.append(float(loss.detach()))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import nibabel as nb
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..errors import SynthMorphError
 from ..io.images import image_data
@@ -62,12 +63,33 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(max(1, threads or len(os.sched_getaffinity(0))))
 
 
+MASK_DILATION_MM = 4.0  # masks grow this much: the similarity sees the edge of the brain
+
+
+def _conform_mask(mask, net2ras: np.ndarray, extent: int, device) -> torch.Tensor | None:
+    """A mask in network space (1 inside, 0 outside), dilated by ``MASK_DILATION_MM``."""
+    if mask is None:
+        return None
+    data = (np.asanyarray(mask.dataobj) > 0).astype(np.float32)
+    grid = ImageGrid.from_image(mask)
+    out = conform(data, np.linalg.inv(grid.affine) @ net2ras, extent, device,
+                  normalize=False)
+    radius = int(round(MASK_DILATION_MM))  # network voxels are 1 mm
+    out = F.max_pool3d((out > 0.5).float()[None, None], 2 * radius + 1, stride=1,
+                       padding=radius)[0, 0]
+    if not bool(out.any()):
+        raise SynthMorphError(f"{mask.get_filename() or 'mask'}: the mask covers nothing "
+                              "inside the network's field of view")
+    return out
+
+
 def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int = 256,
              steps: int = 7, init: Transform | None = None,
              device: torch.device | str = "cpu",
              outputs: tuple[str, ...] = ("forward", "inverse"), refine: int | None = None,
              lam: float = 0.5, similarity: str | None = None,
-             refine_affine: int | None = None) -> Registration:
+             refine_affine: int | None = None, moving_mask=None, fixed_mask=None
+             ) -> Registration:
     """Register ``moving`` to ``fixed`` (nibabel images, any orientation and voxel size).
 
     Parameters
@@ -94,6 +116,9 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
         ``None`` takes what the weights recommend (``models.refine_affine``: 0 for
         FreeSurfer's, the embedded models' model card gives theirs), 0 keeps the
         network's matrix.
+    moving_mask, fixed_mask : nibabel images (any grid covering the image; non-zero is
+        inside), as ANTs' ``-x``: the refinements' similarity counts only voxels inside
+        them, dilated by :data:`MASK_DILATION_MM` (the networks see the whole images).
     """
     if mode not in MODES:
         raise SynthMorphError(f"unknown mode {mode!r}, choose from {', '.join(MODES)}")
@@ -113,6 +138,8 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
     device = torch.device(device)
     inp_1 = conform(image_data(moving), np.linalg.inv(mov.affine) @ mov_net2ras, extent, device)
     inp_2 = conform(image_data(fixed), np.linalg.inv(fix.affine) @ fix_net2ras, extent, device)
+    masks = (_conform_mask(moving_mask, mov_net2ras, extent, device),
+             _conform_mask(fixed_mask, fix_net2ras, extent, device))
     models.to(device)
     fix_ras2net, mov_ras2net = np.linalg.inv(fix_net2ras), np.linalg.inv(mov_net2ras)
     if refine_affine is None:
@@ -125,7 +152,7 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
     if refine_affine and mode != "deform":
         info["refine_affine"] = refine_affine
     if mode in ("affine", "rigid"):
-        out = run_affine(models.affine, inp_1, inp_2, refine=refine_affine)
+        out = run_affine(models.affine, inp_1, inp_2, refine=refine_affine, masks=masks)
         if refine_affine:
             info["refine_affine_loss"] = out.stages["refine_affine_loss"]
         fw = world_matrix(out.out_1, mov_net2ras, fix_ras2net)
@@ -134,7 +161,8 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
     detector = models.affine if mode == "joint" else None
     out = run_deformable(models.deform, inp_1, inp_2, steps=steps, detector=detector,
                          refine=refine, lam=lam, similarity=similarity,
-                         refine_affine=refine_affine if detector is not None else 0)
+                         refine_affine=refine_affine if detector is not None else 0,
+                         masks=masks)
     if "refine_affine_loss" in out.stages:
         info["refine_affine_loss"] = out.stages["refine_affine_loss"]
     if refine:

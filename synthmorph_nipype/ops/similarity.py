@@ -4,7 +4,9 @@ Unlike the label objectives of :mod:`synthmorph_nipype.training.losses`, these c
 intensities, so they work on a user's own images. Each takes channels-first batches
 ``(B, 1, X, Y, Z)`` and returns a scalar *loss* (lower is better): local normalised
 cross-correlation for one contrast, MSE for intensity-matched images, and MIND
-(modality-independent neighbourhood descriptors) across contrasts.
+(modality-independent neighbourhood descriptors) across contrasts. With ``weight`` (a
+``(B, 1, X, Y, Z)`` map, e.g. a brain mask, as ANTs' ``-x``) the loss is the weighted mean
+over voxels: voxels of weight 0 do not count.
 """
 
 from __future__ import annotations
@@ -41,8 +43,23 @@ def _local_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     return _box_sum(x, window) / count
 
 
+def _mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean of voxel-wise ``values`` ``(B, C, ...)`` over channels and voxels, weighted by
+    ``weight`` ``(B, 1, ...)`` when given (0 where the weights sum to 0).
+
+    >>> v = torch.tensor([1.0, 3.0]).view(1, 1, 2, 1, 1)
+    >>> float(_mean(v, None)), float(_mean(v, torch.tensor([0.0, 1.0]).view(1, 1, 2, 1, 1)))
+    (2.0, 3.0)
+    """
+    if weight is None:
+        return values.mean()
+    w = weight.to(values.dtype).expand_as(values[:, :1])
+    total = w.sum() * values.shape[1]
+    return (values * w).sum() / total.clamp_min(1e-12)
+
+
 def local_ncc(moved: torch.Tensor, fixed: torch.Tensor, window: int = 9,
-              eps: float = 1e-5) -> torch.Tensor:
+              eps: float = 1e-5, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Negative mean local squared correlation coefficient over ``window``^3 cubes
     (VoxelMorph's NCC): -1 for images that agree up to a local linear intensity map.
 
@@ -58,16 +75,17 @@ def local_ncc(moved: torch.Tensor, fixed: torch.Tensor, window: int = 9,
     var_m = size * (_local_mean(moved * moved, window) - mu_m**2).clamp_min(0)
     var_f = size * (_local_mean(fixed * fixed, window) - mu_f**2).clamp_min(0)
     cc = cross * cross / (var_m * var_f + eps)
-    return -cc.mean()
+    return -_mean(cc, weight)
 
 
-def image_mse(moved: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+def image_mse(moved: torch.Tensor, fixed: torch.Tensor,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared intensity difference (images on one intensity scale).
 
     >>> float(image_mse(torch.zeros(1, 1, 2, 2, 2), torch.ones(1, 1, 2, 2, 2)))
     1.0
     """
-    return ((moved - fixed) ** 2).mean()
+    return _mean((moved - fixed) ** 2, weight)
 
 
 def _shift(x: torch.Tensor, axis: int, step: int) -> torch.Tensor:
@@ -104,9 +122,10 @@ def mind(x: torch.Tensor, distance: int = 2, patch: int = 3, eps: float = 1e-6
     return desc / desc.amax(1, keepdim=True).clamp_min(eps)
 
 
-def mind_loss(moved: torch.Tensor, fixed: torch.Tensor, distance: int = 2) -> torch.Tensor:
+def mind_loss(moved: torch.Tensor, fixed: torch.Tensor, distance: int = 2,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean absolute difference of MIND descriptors: for pairs of different contrasts."""
-    return (mind(moved, distance) - mind(fixed, distance)).abs().mean()
+    return _mean((mind(moved, distance) - mind(fixed, distance)).abs(), weight)
 
 
 #: image similarities by name (``--similarity`` of image-based training and refinement)
@@ -117,9 +136,10 @@ IMAGE_SIMILARITIES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tenso
 }
 
 
-def fixed_similarity(name: str, fixed: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The loss ``IMAGE_SIMILARITIES[name](moved, fixed)`` as a function of ``moved`` alone,
-    with what depends on ``fixed`` only (its MIND descriptors) computed once.
+def fixed_similarity(name: str, fixed: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """The loss ``IMAGE_SIMILARITIES[name](moved, fixed, weight=weight)`` as a function of
+    ``moved`` (and an optional ``weight``) alone, with what depends on ``fixed`` only (its
+    MIND descriptors) computed once.
 
     >>> x, y = torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 8)
     >>> bool(torch.isclose(fixed_similarity("mind", y)(x), mind_loss(x, y)))
@@ -127,6 +147,6 @@ def fixed_similarity(name: str, fixed: torch.Tensor) -> Callable[[torch.Tensor],
     """
     if name == "mind":
         desc = mind(fixed)
-        return lambda moved: (mind(moved) - desc).abs().mean()
+        return lambda moved, weight=None: _mean((mind(moved) - desc).abs(), weight)
     sim = IMAGE_SIMILARITIES[name]
-    return lambda moved: sim(moved, fixed)
+    return lambda moved, weight=None: sim(moved, fixed, weight=weight)
