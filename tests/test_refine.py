@@ -289,9 +289,8 @@ def test_masks_keep_a_distractor_out_of_the_deformable_refinement():
     assert changed["fixed"][0] == 0.0 and changed["fixed"][1] > 0.01, changed
 
 
-def test_masks_from_the_command_line(nipype_pair, tmp_path, capsys):
-    """--moving-mask keeps a bright slab that only the moving image shows out of the
-    affine refinement; empty masks and masks without a refinement are refused."""
+def _slab_moving(nipype_pair, tmp_path):
+    """The moving image of ``nipype_pair`` with a bright slab outside its brain mask."""
     img = nb.load(nipype_pair["moving"])
     data = np.asarray(img.dataobj, dtype=np.float32).copy()
     mask = np.asarray(nb.load(nipype_pair["mask"]).dataobj) > 0
@@ -300,6 +299,13 @@ def test_masks_from_the_command_line(nipype_pair, tmp_path, capsys):
     data[slab & ~mask] = 1.5 * data.max()
     moving = tmp_path / "moving_slab.nii.gz"
     nb.save(nb.Nifti1Image(data, img.affine), moving)
+    return moving
+
+
+def test_masks_from_the_command_line(nipype_pair, tmp_path, capsys):
+    """--moving-mask keeps a bright slab that only the moving image shows out of the
+    affine refinement; empty masks and masks without a refinement are refused."""
+    moving = _slab_moving(nipype_pair, tmp_path)
     base = ["register", "-m", "affine", "-e", "192", "-j", "1", "--refine-affine", "40",
             "-w", str(nipype_pair["weights"]), str(moving), str(nipype_pair["fixed"])]
     errors = {}
@@ -319,3 +325,20 @@ def test_masks_from_the_command_line(nipype_pair, tmp_path, capsys):
     assert main(off + ["-t", str(tmp_path / "o.txt"), "-x", str(nipype_pair["mask"])]) == 1
     assert "masks restrict the test-time refinement, which is off" in capsys.readouterr().err
     assert not any((tmp_path / n).exists() for n in ("e.txt", "o.txt"))
+
+
+def test_masks_in_the_interface(nipype_pair, tmp_path):
+    from synthmorph_nipype.transforms import load_transform
+
+    reg = SynthMorphRegister(moving_image=str(_slab_moving(nipype_pair, tmp_path)),
+                             fixed_image=str(nipype_pair["fixed"]), mode="affine",
+                             extent=192, weights=[str(nipype_pair["weights"])],
+                             refine_affine=40, moving_mask=str(nipype_pair["mask"]),
+                             num_threads=1)
+    assert f"--moving-mask {nipype_pair['mask']}" in reg.cmdline and " -x " not in reg.cmdline
+    res = reg.run(cwd=str(tmp_path))
+    reg.inputs.fixed_mask = str(nipype_pair["mask"])
+    assert f"-x {nipype_pair['mask']}" in reg.cmdline
+    error = _pair_error(load_transform(res.outputs.forward_transform).chain,
+                        nipype_pair["fixed"], (5.0, -3.0, 6.0), (4.0, -6.0, 3.0))
+    assert error < 0.5

@@ -104,6 +104,11 @@ class SynthMorphRegisterInputSpec(_SynthMorphInputSpec):
                          desc="integration steps of the velocity field")
     init_transform = File(exists=True, argstr="-i %s",
                           desc="initial affine (ITK .txt/.mat/.h5 or LTA), MOVING to FIXED")
+    fixed_mask = File(exists=True, argstr="-x %s",
+                      desc="the test-time refinements count the similarity only inside "
+                      "this mask of FIXED (as ANTs' -x), e.g. a template's brain mask")
+    moving_mask = File(exists=True, argstr="--moving-mask %s",
+                       desc="the same for MOVING (the networks still see the whole image)")
     weights = InputMultiObject(File(exists=True), argstr="-w %s...",
                                desc="model weights (.pt or FreeSurfer .h5); default: the "
                                "installed/embedded models")
