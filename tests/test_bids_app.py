@@ -99,6 +99,8 @@ def test_derivatives_are_found_as_fmriprep_looks_for_them(participant_run, demo_
         # the coregistration ran with (and records) the same affine refinement
         affine_steps = {"Steps": 1, "Similarity": "mind"}
         assert side["AffineRefinement"] == affine_steps
+        # the template's brain mask restricted the refinements' similarity
+        assert side["RefinementMask"]["Fixed"].endswith("desc-brain_mask.nii.gz")
         coreg_side = json.loads(Path(coreg[0].replace(".txt", ".json")).read_text())
         assert coreg_side["Mode"] == "rigid" and coreg_side["AffineRefinement"] == affine_steps
         assert side["Sources"] == [f"bids:raw:sub-{subject}/anat/sub-{subject}_T1w.nii.gz"]

@@ -117,10 +117,12 @@ def test_joint_workflow_chains_the_affine_into_one_composite(nipype_pair, tmp_pa
     assert comp.GetNumberOfTransforms() == 2
     assert np.allclose(comp.GetNthTransform(0).GetParameters(),
                        sitk.ReadTransform(affine).GetParameters(), atol=1e-5)
-    masked = res["mask_moving"].outputs.out_file
-    assert masked != str(nipype_pair["moving"])  # the mask was applied before registering
+    # the mask reaches both registrations as a similarity mask; nothing is skull-stripped
+    for name in ("affine_reg", "deform_reg"):
+        assert res[name].inputs["moving_mask"] == str(nipype_pair["mask"])
+        assert res[name].inputs["moving_image"] == str(nipype_pair["moving"])
     moved = nb.load(res["deform_reg"].outputs.moved_image).get_fdata()
-    assert corr(sitk_resample(masked, nipype_pair["fixed"], fwd), moved) > 0.99
+    assert corr(sitk_resample(nipype_pair["moving"], nipype_pair["fixed"], fwd), moved) > 0.99
     inv = res["deform_reg"].outputs.inverse_transform
     assert sitk.CompositeTransform(sitk.ReadTransform(inv)).GetNumberOfTransforms() == 2
 
@@ -153,9 +155,14 @@ def test_register_template_wf_is_a_smriprep_drop_in(nipype_pair, tmp_path):
         assert np.allclose(a @ b, np.eye(4), atol=1e-4)
         moved, grid = nb.load(Path(fwd).parent / "moved.nii.gz"), nb.load(t1w[name])
         assert moved.shape == grid.shape and np.allclose(moved.affine, grid.affine)
-    # brain-only on both sides: the template was masked because a moving mask was given
-    masked_tpl = list(Path(tmp_path).rglob("mask_template/*_masked.nii.gz"))
-    assert len(masked_tpl) == 1  # only the nilearn template has a mask
+    # the template's brain mask (only the nilearn template has one) and the moving mask
+    # restrict the refinement's similarity; the template itself is registered whole
+    regs = [n for n in res.nodes() if n.name == "affine_reg"]
+    masks = sorted(str(n.inputs.fixed_mask) for n in regs)
+    assert len(regs) == 2 and masks[1] == "None" and masks[0].endswith("brain_mask.nii.gz")
+    assert all(n.inputs.moving_mask == str(nipype_pair["mask"]) for n in regs)
+    assert sorted(Path(n.inputs.fixed_image).name for n in regs) == sorted(
+        Path(p).name for p in t1w.values())
 
 
 def test_coregister_wf_is_rigid_and_writes_lta(nipype_pair, tmp_path):

@@ -106,6 +106,8 @@ def init_single_unit_wf(*, unit: Unit, template: Template, output_dir, bids_dir,
                 **({"Refinement": {"Steps": refine, "Similarity": refine_similarity}}
                    if refine and mode in ("joint", "deform") else {}),
                 **(affine_refinement if mode != "deform" else {}),
+                **({"RefinementMask": {"Fixed": Path(template.mask).name}}
+                   if template.mask else {}),
                 **weights_info}
     reg_wf = init_synthmorph_wf(mode=mode, use_gpu=use_gpu, omp_nthreads=omp_nthreads,
                                 extent=extent, regularization=regularization,
@@ -116,6 +118,8 @@ def init_single_unit_wf(*, unit: Unit, template: Template, output_dir, bids_dir,
                                 name="template_reg_wf")
     reg_wf.inputs.inputnode.moving_image = unit.reference
     reg_wf.inputs.inputnode.fixed_image = template.t1w
+    if template.mask:  # the refinements' similarity counts the template's brain only
+        reg_wf.inputs.inputnode.fixed_mask = template.mask
     ext = ".h5"  # fMRIPrep looks for .h5 composites, affine ones included
     to_h5 = pe.Node(niu.Function(function=_as_itk_h5, input_names=["forward", "inverse"],
                                  output_names=["forward", "inverse"]), name="to_h5")

@@ -140,9 +140,10 @@ def register(args: argparse.Namespace) -> None:
                          else args.refine_affine)
         if args.mode in ("joint", "deform"):
             steps.append(models.refine if args.refine is None else args.refine)
-        if not any(steps):
-            raise SynthMorphError("masks restrict the test-time refinement, which is off "
-                                  "here (give --refine-affine / --refine N)")
+        if not any(steps):  # (workflows pass masks whatever the weights recommend)
+            warnings.warn("the masks have no effect: they restrict the test-time "
+                          "refinement, which is off here (give --refine-affine / --refine "
+                          "N)", DataWarning, stacklevel=2)
     start = time.perf_counter()
     outputs = tuple(name for name, wanted in (("forward", args.trans or args.out_moving),
                                               ("inverse", args.inverse or args.out_fixed))

@@ -104,11 +104,13 @@ class SynthMorphRegisterInputSpec(_SynthMorphInputSpec):
                          desc="integration steps of the velocity field")
     init_transform = File(exists=True, argstr="-i %s",
                           desc="initial affine (ITK .txt/.mat/.h5 or LTA), MOVING to FIXED")
-    fixed_mask = File(exists=True, argstr="-x %s",
-                      desc="the test-time refinements count the similarity only inside "
-                      "this mask of FIXED (as ANTs' -x), e.g. a template's brain mask")
-    moving_mask = File(exists=True, argstr="--moving-mask %s",
-                       desc="the same for MOVING (the networks still see the whole image)")
+    fixed_mask = traits.Either(None, File(exists=True), argstr="-x %s",
+                               desc="the test-time refinements count the similarity only "
+                               "inside this mask of FIXED (as ANTs' -x), e.g. a template's "
+                               "brain mask (None: no mask)")
+    moving_mask = traits.Either(None, File(exists=True), argstr="--moving-mask %s",
+                                desc="the same for MOVING (the networks still see the whole "
+                                "image)")
     weights = InputMultiObject(File(exists=True), argstr="-w %s...",
                                desc="model weights (.pt or FreeSurfer .h5); default: the "
                                "installed/embedded models")
@@ -175,6 +177,11 @@ class SynthMorphRegister(CommandLine):
         if self.inputs.write_lambda:
             names["lambda_map"] = "lambda_map.nii.gz"
         return {k: str(cwd / v) for k, v in names.items()}
+
+    def _format_arg(self, name, spec, value):
+        if name in ("fixed_mask", "moving_mask") and value is None:
+            return None  # a template without a mask: no flag
+        return super()._format_arg(name, spec, value)
 
     def _parse_inputs(self, skip=None):
         args = super()._parse_inputs(skip=skip)  # ends with MOVING FIXED (positions -2, -1)

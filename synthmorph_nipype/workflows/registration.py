@@ -8,7 +8,6 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..interfaces.registration import SynthMorphRegister, estimate_mem_gb
-from ..interfaces.utility import ApplyMask
 
 MODES = ("joint", "deform", "affine", "rigid")
 
@@ -96,8 +95,11 @@ def init_synthmorph_wf(
     fixed_image
         Reference image.
     moving_mask
-        (optional) Brain mask of the moving image: the moving image is skull-stripped
-        with it before registration (use it when the fixed image is brain-only).
+        (optional) Brain mask of the moving image, as ANTs' ``-x``: the test-time
+        refinements count the similarity only inside it (the networks, trained to align
+        brains and ignore the head, see the whole image; nothing is skull-stripped).
+    fixed_mask
+        (optional) The same for the fixed image (e.g. a template's brain mask).
     init_transform
         (optional) Initial affine, moving to fixed (ITK or LTA).
 
@@ -109,13 +111,13 @@ def init_synthmorph_wf(
     inverse_transform
         Fixed to moving, ITK.
     moved_image
-        The (masked) moving image resampled onto the fixed grid.
+        The moving image resampled onto the fixed grid.
     lambda_map
         With ``write_lambda``: the model's voxel-wise regularisation weight.
 
     >>> wf = init_synthmorph_wf(mode="joint", omp_nthreads=2)
     >>> sorted(n for n in wf.list_node_names())  # doctest: +NORMALIZE_WHITESPACE
-    ['affine_reg', 'deform_reg', 'inputnode', 'mask_moving', 'outputnode']
+    ['affine_reg', 'deform_reg', 'inputnode', 'outputnode']
     >>> wf.get_node("deform_reg").n_procs
     2
     """
@@ -123,17 +125,16 @@ def init_synthmorph_wf(
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
-        fields=["moving_image", "fixed_image", "moving_mask", "init_transform"]),
+        fields=["moving_image", "fixed_image", "moving_mask", "fixed_mask",
+                "init_transform"]),
         name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(
         fields=["forward_transform", "inverse_transform", "moved_image", "lambda_map"]),
         name="outputnode")
-    mask_moving = pe.Node(ApplyMask(), name="mask_moving", run_without_submitting=True)
     common = dict(use_gpu=use_gpu, omp_nthreads=omp_nthreads, extent=extent,
                   regularization=regularization, weights=weights)
-    workflow.connect([
-        (inputnode, mask_moving, [("moving_image", "in_file"), ("moving_mask", "in_mask")]),
-    ])
+    images = [("moving_image", "moving_image"), ("fixed_image", "fixed_image"),
+              ("moving_mask", "moving_mask"), ("fixed_mask", "fixed_mask")]
 
     last = None
     if mode in ("joint", "affine", "rigid"):
@@ -142,11 +143,8 @@ def init_synthmorph_wf(
                                        **common)
         if refine_affine is not None:
             affine_reg.inputs.refine_affine = refine_affine
-        workflow.connect([
-            (mask_moving, affine_reg, [("out_file", "moving_image")]),
-            (inputnode, affine_reg, [("fixed_image", "fixed_image"),
-                                     ("init_transform", "init_transform")]),
-        ])
+        workflow.connect([(inputnode, affine_reg,
+                           [*images, ("init_transform", "init_transform")])])
         last = affine_reg
     if mode in ("joint", "deform"):
         deform_reg = registration_node("deform", name="deform_reg", **common)
@@ -157,10 +155,7 @@ def init_synthmorph_wf(
         deform_reg.inputs.write_lambda = write_lambda
         if write_lambda:
             workflow.connect(deform_reg, "lambda_map", outputnode, "lambda_map")
-        workflow.connect([
-            (mask_moving, deform_reg, [("out_file", "moving_image")]),
-            (inputnode, deform_reg, [("fixed_image", "fixed_image")]),
-        ])
+        workflow.connect([(inputnode, deform_reg, images)])
         if last is not None:
             workflow.connect(last, "forward_transform", deform_reg, "init_transform")
         else:

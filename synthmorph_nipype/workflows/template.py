@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from ..interfaces.utility import ApplyMask, TemplateSource
+from ..interfaces.utility import TemplateSource
 from ..io.templates import DEFAULT_TEMPLATE
 from .registration import init_synthmorph_wf
 
@@ -60,12 +60,13 @@ def init_register_template_wf(
     moving_image
         The anatomical reference to normalise (e.g. the preprocessed T1w).
     moving_mask
-        (optional) Its brain mask. When given, the moving image is skull-stripped before
-        registration and the template is used brain-only (masked by its own mask), so
-        both sides show the same tissue.
+        (optional) Its brain mask: the test-time refinements count the similarity only
+        inside it and inside the template's brain mask (used whenever the template has
+        one), as ANTs' ``-x``; no image is skull-stripped (the networks align brains and
+        ignore the head).
     lesion_mask
-        (optional) Accepted for compatibility and ignored: SynthMorph has no cost
-        function to mask, and the learned deformation is regularised everywhere.
+        (optional) Accepted for compatibility and ignored (the similarity masks are
+        brain masks; a lesion is not cut out of them yet).
     template
         Set by the iterable over ``templates``.
 
@@ -95,33 +96,18 @@ def init_register_template_wf(
     outputnode = pe.JoinNode(niu.IdentityInterface(fields=OUTPUT_FIELDS), name="outputnode",
                              joinsource="inputnode")
     tpl_source = pe.Node(TemplateSource(), name="tpl_source", run_without_submitting=True)
-    # brain-only template exactly when the moving image is brain-only
-    tpl_mask = pe.Node(niu.Function(function=_mask_if, output_names=["mask"]),
-                       name="tpl_mask", run_without_submitting=True)
-    mask_template = pe.Node(ApplyMask(), name="mask_template", run_without_submitting=True)
     reg_wf = init_synthmorph_wf(mode=mode, use_gpu=use_gpu, omp_nthreads=omp_nthreads,
                                 extent=extent, regularization=regularization,
                                 weights=weights, name="synthmorph_wf")
     workflow.connect([
         (inputnode, tpl_source, [("template", "template")]),
-        (inputnode, tpl_mask, [("moving_mask", "moving_mask")]),
-        (tpl_source, tpl_mask, [("brain_mask", "template_mask")]),
-        (tpl_source, mask_template, [("t1w_file", "in_file")]),
-        (tpl_mask, mask_template, [("mask", "in_mask")]),
         (inputnode, reg_wf, [("moving_image", "inputnode.moving_image"),
                              ("moving_mask", "inputnode.moving_mask")]),
-        (mask_template, reg_wf, [("out_file", "inputnode.fixed_image")]),
+        (tpl_source, reg_wf, [("t1w_file", "inputnode.fixed_image"),
+                              ("brain_mask", "inputnode.fixed_mask")]),
         (reg_wf, poutputnode, [("outputnode.forward_transform", "anat2std_xfm"),
                                ("outputnode.inverse_transform", "std2anat_xfm")]),
         (tpl_source, poutputnode, [("name", "template"), ("spec", "template_spec")]),
         (poutputnode, outputnode, [(f, f) for f in OUTPUT_FIELDS]),
     ])
     return workflow
-
-
-def _mask_if(moving_mask=None, template_mask=None):
-    """The template's mask when the moving image has one (both brain-only), else None."""
-    from nipype.interfaces.base import isdefined
-
-    has = moving_mask is not None and isdefined(moving_mask)
-    return template_mask if has else None
