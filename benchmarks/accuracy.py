@@ -615,8 +615,9 @@ class SynthMorph(Method):
     """``synthmorph register`` (this package), run as its own process."""
 
     def __init__(self, mode: str, suffix: str = "", extra: Sequence[str] = (),
-                 weights: str | None = None):
+                 weights: str | None = None, mask: bool = False):
         self.mode, self.name = mode, f"synthmorph-{mode}{suffix}"
+        self.mask = mask  # pass the pair's fixed_mask.nii.gz as -x
         self.kind = "affine" if mode in ("affine", "rigid") else "deformable"
         self.extra = list(extra)
         self.weights_key = weights or mode  # which --weights-* option gives its weights
@@ -654,6 +655,8 @@ class SynthMorph(Method):
                              "-e", str(ctx.extent), "-g" if ctx.gpu else "--cpu"]
         for w in ctx.weights.get(self.weights_key) or []:
             cmd += ["-w", str(w)]
+        if self.mask and (pair / "fixed_mask.nii.gz").is_file():
+            cmd += ["-x", str(pair / "fixed_mask.nii.gz")]
         return cmd + self.extra
 
     def post(self, pair: Path, run: Path, ctx: Context, log) -> tuple[list[Path], Path]:
@@ -793,6 +796,9 @@ METHODS: dict[str, Callable[[], Method]] = {
     "synthmorph-affine": lambda: SynthMorph("affine"),
     "synthmorph-joint-net": lambda: SynthMorph("joint", "-net", NO_REFINEMENT),
     "synthmorph-affine-net": lambda: SynthMorph("affine", "-net", ["--refine-affine", "0"]),
+    # the refinements restricted to the fixed image's brain mask (pairs that have one)
+    "synthmorph-affine-mask": lambda: SynthMorph("affine", "-mask", mask=True),
+    "synthmorph-joint-mask": lambda: SynthMorph("joint", "-mask", mask=True),
     "synthmorph-joint-refine50": lambda: SynthMorph("joint", "-refine50", ["--refine", "50"]),
     "synthmorph-joint-refine200": lambda: SynthMorph("joint", "-refine200", ["--refine", "200"]),
     # other joint models (give them with --weights-finetuned / --weights-svr), with the

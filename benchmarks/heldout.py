@@ -46,7 +46,7 @@ from accuracy import (  # noqa: E402
 
 from synthmorph_nipype.synthesis.label_maps import BRAIN_LABELS, HEAD_LABELS_BELOW_500  # noqa: E402
 
-VERSION = 1
+VERSION = 2
 HELD_OUT = (17, 18, 19, 20)
 _WM = (2, 41, 7, 46, 16, 28, 60, 77, 85)
 _CORTEX = (3, 42, 8, 47)
@@ -200,6 +200,14 @@ def _side(data: Path, spec, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return image, labels, affine
 
 
+def brain_labels(labels: np.ndarray) -> np.ndarray:
+    """The labels the metrics count: the head (labels >= 500, CSF) is background, so the
+    error is the brain's and Dice counts brain structures."""
+    out = labels.copy()
+    out[(out >= 500) | np.isin(out, HEAD_LABELS_BELOW_500)] = 0
+    return out
+
+
 def make_pair(name: str, data: Path, root: Path) -> Path:
     """Write pair ``name`` under ``root/name`` unless a current copy is there."""
     out = root / name
@@ -215,7 +223,10 @@ def make_pair(name: str, data: Path, root: Path) -> Path:
     f_img, f_lab, f_aff = _side(data, fixed_spec, seed)
     m_img, m_lab, m_aff = _side(data, moving_spec, seed + 1)
     save_nifti(f_img, f_aff, out / "fixed.nii.gz")
+    f_lab, m_lab = brain_labels(f_lab), brain_labels(m_lab)
     save_nifti(f_lab.astype(np.int16), f_aff, out / "fixed_labels.nii.gz")
+    # the fixed image's brain mask, for the methods that take one (-x)
+    save_nifti((f_lab > 0).astype(np.uint8), f_aff, out / "fixed_mask.nii.gz")
     info = {"version": 1, "heldout_version": VERSION, "name": name,
             "description": description, "truth": truth, "resolution": 1,
             "moving": list(map(str, moving_spec)), "fixed": list(map(str, fixed_spec)),

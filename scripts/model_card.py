@@ -34,6 +34,18 @@ def _condensed(val: list[dict], every: int = 5000) -> list[dict]:
     return keep
 
 
+def _brains(cfg: dict) -> str:
+    """Where a run's brains came from."""
+    if not cfg.get("label_maps"):
+        return (f"template brains (with a synthetic head with probability "
+                f"{cfg['head_prob']})")
+    names = cfg["label_maps"] if isinstance(cfg["label_maps"], list) else [cfg["label_maps"]]
+    return ("whole-head label maps of real subjects (" + ", ".join(f"`{n}`" for n in names)
+            + "; SynthSeg's training maps, Billot et al. 2023, Apache-2.0; subjects 17-20 "
+            f"held out), pairs of two subjects with probability {cfg['inter_subject_prob']}, "
+            f"heads kept with probability {cfg['head_prob']} and then stripped per image")
+
+
 def describe(run: Path, model: Path | None = None) -> list[str]:
     parts = load_checkpoint(model or run / "model.pt")
     meta = parts["meta"]
@@ -62,9 +74,12 @@ def describe(run: Path, model: Path | None = None) -> list[str]:
         f"({torch.__version__}, {cfg['device']} device setting)",
         f"- data: {cfg['grid']}^3 voxels of {cfg['voxel_mm']} mm"
         + (f", random {cfg['crop']}^3 crops" if cfg.get("crop") else "")
-        + f"; random shapes with probability {cfg['shapes_prob']}, else template brains "
-        f"(with a synthetic head with probability {cfg['head_prob']}); synthesis changes "
-        f"{json.dumps(cfg['synth'])}",
+        + f"; random shapes with probability {cfg['shapes_prob']}, else " + _brains(cfg)
+        + f"; synthesis changes {json.dumps(cfg['synth'])}"
+        + (f"; + {cfg['supervised_weight']} x the supervised term (distance to the true "
+           "map / end-point error over the brain)" if cfg.get("supervised_weight") else ""),
+        *([f"- started from `{cfg['init_weights']}` (the previously shipped weights)"]
+          if cfg.get("init_weights") and cfg.get("objective") == "synthetic" else []),
         "- test-time refinement it recommends (the default of `synthmorph register`): "
         + (", ".join(refine) + " steps" if refine else "none"),
         "",

@@ -12,31 +12,17 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import BIDS_EXIT, BIDSAppError
+
+__all__ = ["EXIT", "BIDSAppError", "Unit", "check_output_dir", "index_dataset",
+           "read_filters", "select_units", "unreadable"]
+
 LOGGER = logging.getLogger("synthmorph_bids")
 
 #: exit codes of ``synthmorph-bids`` (2 is argparse's usage error)
-EXIT = {
-    "not_bids": 3,
-    "no_participants": 4,
-    "missing_participant": 5,
-    "no_anatomy": 6,
-    "output_inside_input": 7,
-    "unwritable_output": 8,
-    "bad_filter": 9,
-    "workflow_failed": 10,
-    "bad_template": 11,
-    "no_weights": 12,
-    "some_skipped": 13,  # the others were processed
-}
-ANAT_CONTRASTS = ("T1w", "T2w", "FLAIR", "PDw", "T2starw", "inplaneT1", "inplaneT2")
+EXIT = BIDS_EXIT
 
 
-class BIDSAppError(Exception):
-    """A refusal: one line for the user, and the exit code that names its kind."""
-
-    def __init__(self, message: str, kind: str):
-        super().__init__(message)
-        self.code = EXIT[kind]
 
 
 @dataclass

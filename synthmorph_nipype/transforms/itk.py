@@ -43,7 +43,6 @@ FLIP4 = np.diag([-1.0, -1.0, 1.0, 1.0])
 AFFINE_TYPE = "AffineTransform_double_3_3"
 FIELD_TYPE = "DisplacementFieldTransform_double_3_3"
 COMPOSITE_TYPE = "CompositeTransform_double_3_3"
-INTENT_DISPVECT = 1006
 INTENT_VECTOR = 1007
 _AFFINE_KINDS = ("AffineTransform", "MatrixOffsetTransformBase")
 _ITK_VERSION = "5.4.0"
