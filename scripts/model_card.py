@@ -27,8 +27,11 @@ def _rows(path: Path) -> list[dict]:
     return list(rows.values())
 
 
-def _condensed(val: list[dict], every: int = 5000) -> list[dict]:
-    """Validation rows every ``every`` steps, plus the first and the last."""
+def _condensed(val: list[dict], every: int | None = None) -> list[dict]:
+    """Validation rows every ``every`` steps (5,000 for runs over 20,000 steps, else
+    1,000), plus the first and the last."""
+    if every is None:
+        every = 5000 if val and int(val[-1]["step"]) > 20000 else 1000
     keep = [r for i, r in enumerate(val)
             if i in (0, len(val) - 1) or int(r["step"]) % every == 0]
     return keep
