@@ -34,19 +34,13 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import (  # noqa: E402
-    acquire,
-    rotation,
-    sample,
-    save_nifti,
-    slab_points,
-    slabs,
-    write_displacement,
-)
+from bench.geometry import sample, slab_points, slabs  # noqa: E402
+from bench.pairs import acquire, save_nifti, write_displacement  # noqa: E402
 
-from synthmorph_nipype.synthesis.label_maps import BRAIN_LABELS, HEAD_LABELS_BELOW_500  # noqa: E402
+from synthmorph_nipype.ops.rotation import axis_angle  # noqa: E402
+from synthmorph_nipype.synthesis.label_maps import BRAIN_LABELS, is_head  # noqa: E402
 
-VERSION = 2
+VERSION = 3
 HELD_OUT = (17, 18, 19, 20)
 _WM = (2, 41, 7, 46, 16, 28, 60, 77, 85)
 _CORTEX = (3, 42, 8, 47)
@@ -114,8 +108,7 @@ def render_subject(labels: np.ndarray, contrast: str, head: bool, seed: int
     """(image, labels) of a label map in a contrast, with or without its head."""
     labels = labels.copy()
     if not head:
-        strip = (labels >= 500) | np.isin(labels, HEAD_LABELS_BELOW_500)
-        labels[strip] = 0
+        labels[is_head(labels)] = 0
     image = intensities(labels, contrast, seed)[labels]
     image = ndimage.gaussian_filter(image, 0.7)  # partial volume of a 1 mm scan
     rng = np.random.default_rng(seed)
@@ -129,15 +122,7 @@ def random_motion(rng: np.random.Generator, center: np.ndarray, degrees: float,
     ``shift_mm`` in a random direction, per-axis scales within ``scale``."""
     axis = rng.normal(size=3)
     axis /= np.linalg.norm(axis)
-    angles = axis * degrees  # small-angle split of the rotation over the three axes
-    rot = rotation(angles)
-    # the composed rotation is not exactly `degrees`: rescale the angles until it is
-    for _ in range(20):
-        got = np.degrees(np.arccos(np.clip((np.trace(rot) - 1) / 2, -1, 1)))
-        if got < 1e-6 or abs(got - degrees) < 0.01:
-            break
-        angles *= degrees / got
-        rot = rotation(angles)
+    rot = axis_angle(axis, degrees)
     lin = rot @ np.diag(1 + rng.uniform(-scale, scale, 3))
     direction = rng.normal(size=3)
     shift = direction / np.linalg.norm(direction) * shift_mm
@@ -204,7 +189,7 @@ def brain_labels(labels: np.ndarray) -> np.ndarray:
     """The labels the metrics count: the head (labels >= 500, CSF) is background, so the
     error is the brain's and Dice counts brain structures."""
     out = labels.copy()
-    out[(out >= 500) | np.isin(out, HEAD_LABELS_BELOW_500)] = 0
+    out[is_head(out)] = 0
     return out
 
 

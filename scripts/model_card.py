@@ -56,7 +56,7 @@ def describe(run: Path, model: Path | None = None) -> list[str]:
     train = _rows(run / "train.csv")
     val = _rows(run / "val.csv") if (run / "val.csv").exists() else []
     seconds = sum(float(r["seconds"]) for r in train)
-    lines = [f"### {cfg['model']} (`{run.name}`)", ""]
+    lines = [f"## {cfg['model']} (`{run.name}`)", ""]
     for key in ("affine", "deform"):
         model = parts[key]
         if model is None:
@@ -125,7 +125,7 @@ def main(runs: list[str]) -> None:
            "(`--refine-affine 0 --refine 0` gives the networks alone): 30 Adam steps of a "
            "symmetric MIND similarity on the affine matrix at 4 mm (plus 7 at 2 mm), and 30 "
            "steps of MIND + lambda x Grad-l2 on the velocity field at 4 mm. Figures on "
-           "brain pairs with a known answer, against ANTsPy and elastix, are in the README "
+           "brain pairs with a known answer, against ANTsPy and elastix, are in docs/benchmarks.md "
            "(`benchmarks/accuracy.py`): on par with ANTsPy SyN for T1 subject-to-template "
            "and cross-subject pairs, affine error 0.5 mm across contrasts, but worse than "
            "SyN on a T2-like pair and failing (12 mm) for a head against a skull-stripped "

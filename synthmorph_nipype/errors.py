@@ -9,6 +9,10 @@ class InputError(SynthMorphError):
     """An input file is missing, unreadable or unusable."""
 
 
+class ChoiceError(SynthMorphError, ValueError):
+    """A value outside its fixed set (a mode, an extent, a similarity)."""
+
+
 class WeightsError(SynthMorphError):
     """Model weights are missing or do not fit the architecture."""
 

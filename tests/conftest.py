@@ -6,6 +6,7 @@ nothing is read from outside the project.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nibabel as nb
@@ -13,25 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from synthmorph_nipype.models import AffineConfig, AffineDetector, HyperUNet, UNetConfig
 from synthmorph_nipype.models.checkpoint import save_checkpoint
 
-TINY_AFFINE = AffineConfig(num_feat=6, enc_nf=(4, 5, 6, 7), add_nf=(7, 6, 5, 4))
-TINY_UNET = UNetConfig(hyp_units=(4, 6, 8, 8), enc_nf=(4, 5, 6, 7), dec_nf=(7, 6, 5, 4),
-                       add_nf=(4, 4, 3, 3))
+from .helpers import tiny_models
 
-
-def tiny_models(seed: int = 0, field_scale: float = 0.05):
-    """Seeded random tiny models; the last U-Net layer is scaled down so that velocity
-    fields stay moderate (tests that invert warps scale it down further)."""
-    torch.manual_seed(seed)
-    affine = AffineDetector(TINY_AFFINE).eval()
-    deform = HyperUNet(TINY_UNET).eval()
-    with torch.no_grad():
-        last = deform.convs[-1]
-        last.hyperkernel.weight.mul_(field_scale)
-        last.hyperkernel.bias.mul_(field_scale)
-    return affine, deform
+# pytest-xdist workers share the cores: one worker's torch threads get its share
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))
+                              // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +53,7 @@ def nipype_pair(template, tiny_weights, tmp_path_factory) -> dict[str, Path]:
     """Inputs of the Nipype tests: the 2 mm template as ``fixed``; ``moving``, the same data
     under a rotated and shifted header (plus a brain ``mask`` and ``labels`` on its grid);
     ``moving_2``, another shift; and the tiny ``weights`` (joint)."""
-    from synthmorph_nipype.transforms.base import rotation
+    from synthmorph_nipype.ops.rotation import rotation
 
     root = tmp_path_factory.mktemp("nipype_pair")
     img = nb.load(template)

@@ -20,14 +20,12 @@ from nitransforms.manip import load as nt_chain_load
 
 from synthmorph_nipype.bids_app.cli import main
 from synthmorph_nipype.bids_app.demo import make_demo_dataset
-from synthmorph_nipype.bids_app.derivatives import (
-    DerivativeSink,
-    atomic_copy,
-    write_dataset_description,
-)
+from synthmorph_nipype.bids_app.derivatives import DerivativeSink, write_dataset_description
 from synthmorph_nipype.bids_app.inputs import EXIT
+from synthmorph_nipype.io.atomic import atomic_copy
 
-pytestmark = pytest.mark.filterwarnings("ignore")  # pybids/nitransforms chatter
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore")]  # pybids/nitransforms chatter
 TPL = "MNI152NLin2009aSym"
 # sMRIPrep's query for precomputed template transforms (its data/io_spec.json, std_xfms)
 SMRIPREP_STD_XFMS = {
@@ -111,10 +109,13 @@ def test_reports_and_group_summary(participant_run, demo_bids):
     out, _ = participant_run
     for subject in ("01", "02"):
         page = (out / f"sub-{subject}.html").read_text()
-        imgs = [line.split('src="')[1].split('"')[0] for line in page.split("<img")[1:]]
-        assert len(imgs) == 3  # before, after, T2w on T1w
-        for rel in imgs:
-            assert (out / rel).stat().st_size > 5000
+        svgs = [line.split('data="')[1].split('"')[0] for line in page.split("<object")[1:]]
+        assert len(svgs) == 2  # T1w on the template, T2w on T1w
+        for rel in svgs:  # niworkflows' flicker reportlets: two panels of three views
+            svg = (out / rel).read_text()
+            assert rel.endswith(".svg") and "flickerAnimation" in svg
+            assert 'class="background-svg"' in svg and 'class="foreground-svg"' in svg
+            assert svg.count("<image") + svg.count("<path") > 6
         summary = json.loads(next((out / f"sub-{subject}").glob("log/*_summary.json"))
                              .read_text())
         assert summary["device"] == "cpu" and summary["registration_s"] > 0
@@ -122,7 +123,27 @@ def test_reports_and_group_summary(participant_run, demo_bids):
     assert main([str(demo_bids), str(out), "group"]) == 0
     rows = (out / "group_summary.tsv").read_text().strip().splitlines()
     assert rows[0].split("\t")[:2] == ["participant", "session"] and len(rows) == 3
-    assert "group summary" in (out / "group_report.html").read_text()
+    page = (out / "group_report.html").read_text()
+    assert "group summary" in page
+    figure = page.split('<object type="image/svg+xml" data="')[1].split('"')[0]
+    svg = (out / figure).read_text()
+    for subject in ("01", "02"):  # every point is named, and the thresholds are drawn
+        assert f'id="sub-{subject}"' in svg and f"sub-{subject}" in svg.replace(
+            f'id="sub-{subject}"', "")
+    assert "folding limit" in svg
+
+
+def test_group_figure_marks_outliers(tmp_path):
+    from synthmorph_nipype.bids_app.reports import flag_outliers, group_figure
+
+    rows = [{"participant": f"{k:02d}", "session": "n/a", "similarity": v,
+             "folding_pct": f} for k, (v, f) in enumerate(
+                 [(0.9, 0.0), (0.91, 0.01), (0.89, 0.0), (0.5, 0.0), (0.9, 2.0)])]
+    threshold = flag_outliers(rows)
+    assert [r["outlier"] for r in rows] == ["no", "no", "no", "yes", "yes"]
+    svg = Path(group_figure(rows, threshold, tmp_path / "g.svg")).read_text()
+    assert all(f'id="sub-{r["participant"]}"' in svg for r in rows)
+    assert f"similarity limit {threshold:.3f}" in svg
 
 
 def test_rerun_reuses_the_work_directory(participant_run, demo_bids, tiny_weights, tmp_path):

@@ -675,7 +675,7 @@ def test_non_affine_init_named(inputs, tiny_weights, tmp_path, capfd):
 
 
 def test_cpu_flag_and_device_choice():
-    from synthmorph_nipype.engine.register import pick_device
+    from synthmorph_nipype.engine.device import pick_device
 
     assert pick_device(False).type == "cpu"
     if not torch.cuda.is_available():

@@ -15,7 +15,8 @@ import pytest
 import SimpleITK as sitk
 
 from synthmorph_nipype.engine.weights import find_weights, load_models
-from synthmorph_nipype.transforms.base import ImageGrid, rotation
+from synthmorph_nipype.ops.rotation import rotation
+from synthmorph_nipype.transforms.base import ImageGrid
 
 CLI = [sys.executable, "-m", "synthmorph_nipype.cli.main"]
 LPS = np.array([-1.0, -1.0, 1.0])

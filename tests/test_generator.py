@@ -9,13 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from synthmorph_nipype.ops.integrate import integrate_svf
 from synthmorph_nipype.synthesis.generator import (
     SynthConfig,
-    _rotation,
     deform_labels,
     gaussian_blur,
-    integrate_batch,
     labels_to_image,
     random_affine,
     random_bias_field,
@@ -24,7 +21,6 @@ from synthmorph_nipype.synthesis.generator import (
     reduce_resolution,
     sample_pair,
 )
-from synthmorph_nipype.transforms.base import rotation
 
 SHAPE = (48, 48, 48)
 LABEL_IDS = torch.tensor([0, 2, 3, 4, 7, 10, 12, 41, 42])
@@ -98,13 +94,6 @@ def test_config_validation():
 
 
 # ----------------------------------------------------------------------------- affine
-
-def test_rotation_convention_matches_transforms():
-    angles = torch.tensor([[10.0, -20.0, 35.0], [0.0, 0.0, 90.0]])
-    ours = _rotation(angles).numpy()
-    for i in range(2):
-        np.testing.assert_allclose(ours[i], rotation(angles[i].numpy()), atol=1e-12)
-
 
 def test_affine_sampler_respects_ranges():
     cfg = SynthConfig(voxel_size=2.0)
@@ -203,13 +192,6 @@ def test_warps_smooth_and_diffeomorphic():
     # smooth: neighbouring displacements differ far less than a voxel on average
     for a in range(3):
         assert float(torch.diff(disp, dim=1 + a).abs().mean()) < 0.3
-
-
-def test_batched_integration_matches_ops():
-    svf = random_svf(2, (24, 28, 20), SynthConfig(warp_std_mm=4.0), gen(8))
-    ours = integrate_batch(svf, 5)
-    for i in range(2):
-        torch.testing.assert_close(ours[i], integrate_svf(svf[i], 5), atol=1e-4, rtol=1e-4)
 
 
 def test_coarse_integration_close_to_full():

@@ -27,6 +27,8 @@ from nitransforms.nonlinear import load as nt_field_load
 from scipy.ndimage import map_coordinates
 
 from synthmorph_nipype.cli.main import main
+from synthmorph_nipype.engine.resample import resample
+from synthmorph_nipype.ops.rotation import rotation
 from synthmorph_nipype.transforms import (
     Affine,
     Chain,
@@ -35,7 +37,6 @@ from synthmorph_nipype.transforms import (
     load_transform,
     save_transform,
 )
-from synthmorph_nipype.transforms.base import rotation
 
 pytestmark = pytest.mark.filterwarnings("ignore:Reference space not set")  # nitransforms
 
@@ -638,3 +639,35 @@ def test_resampling_matches_itk_at_the_edges_of_a_thick_slice_image(tmp_path, su
     assert inside.sum() > 5000 and (got != 0).sum() > 5000
     np.testing.assert_allclose(got, other, atol=1e-4,
                                err_msg=f"{edge.sum()} voxels differ (edges of the slab?)")
+
+
+def test_whole_grid_work_slab_by_slab_equals_at_once(tmp_path, monkeypatch):
+    """Resampling and the world-space fields are computed slab by slab (memory bounded by
+    a slab): slabs of a few rows give what one slab over the whole grid gives."""
+    from synthmorph_nipype.engine import compose
+    from synthmorph_nipype.engine import resample as resample_module
+
+    rng = np.random.default_rng(4)
+    shape = (13, 11, 9)
+    aff = np.diag([1.2, 1.0, 0.9, 1.0])
+    img = nib.Nifti1Image(rng.random(shape).astype(np.float32) * 300, aff)
+    field = DisplacementField(ImageGrid.make(shape, aff), rng.normal(0, 0.7, (*shape, 3)))
+    chain = Chain([Affine(known_affine(rot=(3, -2, 4), shift=(0.5, 0.2, -0.4))), field])
+    out = torch.from_numpy(rng.normal(0, 0.5, (8, 8, 8, 3)).astype(np.float32))
+    to_net, to_ras = np.diag([0.6, 0.7, 0.8, 1.0]), np.diag([1.1, 0.9, 1.0, 1.0])
+
+    def everything():
+        total = compose.world_field(out, to_ras, to_net, aff, shape)
+        return (resample(img, chain, ImageGrid.make(shape, aff)).get_fdata(),
+                resample(img, chain, ImageGrid.make(shape, aff), method="nearest",
+                         dtype="uint8").get_fdata(),
+                total.copy(),
+                compose.residual_field(total.copy(), aff, known_affine(rot=(2, 1, 0)), shape),
+                compose.push_field(total.copy(), aff, known_affine(shift=(1, 0, 0)), shape))
+
+    whole = everything()
+    monkeypatch.setattr(resample_module, "SLAB", 2 * 11 * 9)  # two rows a slab
+    monkeypatch.setattr(compose, "SLAB", 3 * 11 * 9 + 5)
+    for a, b in zip(whole, everything(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
+    assert np.abs(whole[0]).max() > 1 and np.abs(whole[3]).max() > 0.1

@@ -20,7 +20,8 @@ from synthmorph_nipype.interfaces import (
     estimate_mem_gb,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore:Reference space not set")  # nitransforms
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore:Reference space not set")]  # nitransforms
 
 
 def sitk_resample(moving: Path, reference: Path, xfm: Path, nearest: bool = False):

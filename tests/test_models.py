@@ -12,23 +12,20 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_AFFINE, TINY_UNET, tiny_models
 from scipy import ndimage
 
 from synthmorph_nipype.errors import WeightsError
 from synthmorph_nipype.models import AffineConfig, AffineDetector, HyperUNet, UNet, UNetConfig
 from synthmorph_nipype.models.affine import (
     barycenters,
-    centred_to_index,
     fit_affine,
     rigid_part,
-    sqrtm,
     symmetric_affine,
 )
 from synthmorph_nipype.models.checkpoint import load_checkpoint, save_checkpoint
 from synthmorph_nipype.models.keras import load_keras
-from synthmorph_nipype.ops.integrate import integrate_svf
-from synthmorph_nipype.ops.sampling import sample_linear, sample_nearest
+
+from .helpers import TINY_AFFINE, TINY_UNET, apply, random_affine, tiny_models
 
 # --------------------------------------------------------------------------------------
 # A writer of Keras ``save_weights`` files and random weights of the two networks
@@ -518,17 +515,6 @@ def test_checkpoint_rejects_mismatched_weights(tmp_path):
 # --------------------------------------------------------------------------------------
 
 
-def random_affine(rng, scale=0.2) -> torch.Tensor:
-    m = np.eye(4)
-    m[:3, :3] += rng.uniform(-scale, scale, (3, 3))
-    m[:3, 3] = rng.uniform(-5, 5, 3)
-    return torch.from_numpy(m)
-
-
-def apply(m: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
-    return pts @ m[:3, :3].T + m[:3, 3]
-
-
 @pytest.mark.parametrize("npts", [6, 20])
 def test_fit_affine_recovers_known_affine(npts):
     rng = np.random.default_rng(npts)
@@ -611,151 +597,8 @@ def test_rigid_part():
     torch.testing.assert_close(rigid_part(rigid[None])[0], rigid, atol=1e-12, rtol=1e-12)
 
 
-def test_sqrtm():
-    rng = np.random.default_rng(4)
-    m = random_affine(rng, scale=0.3)[None]
-    root = sqrtm(m)
-    torch.testing.assert_close(root @ root, m, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(root[0, 3], m[0, 3])  # still an affine matrix
-    assert not torch.allclose(root, m, atol=1e-3)
-
-
-def test_centred_to_index():
-    rng = np.random.default_rng(5)
-    extent = 64
-    c = (extent - 1) / 2
-    m = random_affine(rng)
-    idx = centred_to_index(m, extent)
-    # The pure centre shift: centred 0 is index c.
-    shift = centred_to_index(torch.eye(4, dtype=torch.float64), extent)
-    torch.testing.assert_close(shift, torch.eye(4, dtype=torch.float64))
-    pts = torch.from_numpy(rng.normal(0, 10, (8, 3)))
-    # idx(c + p) = c + m(p)
-    torch.testing.assert_close(apply(idx, pts + c), apply(m, pts) + c)
-    # The centre itself goes where m sends the centred origin.
-    centre = torch.full((1, 3), c, dtype=torch.float64)
-    torch.testing.assert_close(apply(idx, centre)[0], m[:3, 3] + c)
-    # A pure linear map about the centre fixes the centre.
-    lin = m.clone()
-    lin[:3, 3] = 0
-    torch.testing.assert_close(apply(centred_to_index(lin, extent), centre), centre)
-
-
 # --------------------------------------------------------------------------------------
-# 5. Integration of velocity fields
-# --------------------------------------------------------------------------------------
-
-
-def smooth_svf(shape=(20, 20, 20), amplitude=2.0, seed=0) -> torch.Tensor:
-    rng = np.random.default_rng(seed)
-    v = np.stack([ndimage.gaussian_filter(rng.normal(size=shape), 4.0) for _ in range(3)], -1)
-    return torch.from_numpy(v * amplitude / np.abs(v).max())
-
-
-def test_integrate_constant_svf():
-    svf = torch.zeros((8, 9, 10, 3), dtype=torch.float64)
-    svf[..., :] = torch.tensor([1.5, -0.7, 2.2], dtype=torch.float64)
-    for steps in (1, 5, 7):
-        torch.testing.assert_close(integrate_svf(svf, steps), svf, atol=1e-12, rtol=1e-12)
-
-
-def test_integrate_zero_steps_returns_input():
-    svf = smooth_svf((6, 7, 8))
-    assert torch.equal(integrate_svf(svf, 0), svf)
-    assert not torch.allclose(integrate_svf(svf, 7), svf, atol=1e-3)
-    with pytest.raises(ValueError):
-        integrate_svf(svf, -1)
-
-
-def test_integrate_inverse():
-    svf = smooth_svf()
-    fwd = integrate_svf(svf, 7)
-    inv = integrate_svf(-svf, 7)
-    shape = svf.shape[:3]
-    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=svf.dtype) for n in shape],
-                                      indexing="ij"), -1)
-    # (phi_-v o phi_v)(x) = x + u(x) + w(x + u(x))
-    composed = fwd + sample_linear(inv, grid + fwd, boundary="clamp")
-    core = (slice(4, -4),) * 3
-    err = composed[core].norm(dim=-1).max()
-    assert fwd.norm(dim=-1).max() > 1.0
-    assert err < 0.03
-    # Integrating is not just adding: the naive inverse (-u) is worse.
-    naive = fwd + sample_linear(-fwd, grid + fwd, boundary="clamp")
-    assert naive[core].norm(dim=-1).max() > 3 * err
-
-
-# --------------------------------------------------------------------------------------
-# 6. Sampling
-# --------------------------------------------------------------------------------------
-
-
-def test_sample_linear_matches_scipy():
-    rng = np.random.default_rng(0)
-    vol = rng.normal(size=(9, 10, 11))
-    pts = rng.uniform(0, 1, (500, 3)) * (np.array(vol.shape) - 1)
-    got = sample_linear(torch.from_numpy(vol), torch.from_numpy(pts)).numpy()
-    want = ndimage.map_coordinates(vol, pts.T, order=1)
-    np.testing.assert_allclose(got, want, atol=1e-12)
-    # Multi-channel volumes: per channel, with a leading batch shape.
-    vol4 = rng.normal(size=(9, 10, 11, 2))
-    got4 = sample_linear(torch.from_numpy(vol4), torch.from_numpy(pts.reshape(20, 25, 3)))
-    assert got4.shape == (20, 25, 2)
-    for ch in range(2):
-        np.testing.assert_allclose(got4[..., ch].numpy().ravel(),
-                                   ndimage.map_coordinates(vol4[..., ch], pts.T, order=1),
-                                   atol=1e-12)
-
-
-def test_sample_nearest_matches_scipy_and_keeps_labels():
-    rng = np.random.default_rng(1)
-    labels = rng.integers(0, 50, size=(9, 10, 11)).astype(np.int64)
-    pts = rng.uniform(0, 1, (500, 3)) * (np.array(labels.shape) - 1)
-    got = sample_nearest(torch.from_numpy(labels), torch.from_numpy(pts))
-    assert got.dtype == torch.int64
-    want = ndimage.map_coordinates(labels, pts.T, order=0)
-    np.testing.assert_array_equal(got.numpy(), want)
-    out = sample_nearest(torch.from_numpy(labels), torch.tensor([[-0.6, 0.0, 0.0],
-                                                                 [8.4, 9.4, 10.4],
-                                                                 [8.6, 0.0, 0.0]]), fill=-1)
-    assert out.tolist() == [-1, labels[8, 9, 10], -1]
-
-
-def test_sample_linear_zeros_boundary():
-    rng = np.random.default_rng(2)
-    vol = torch.from_numpy(rng.uniform(1, 2, (5, 6, 7)))
-    last = torch.tensor([[4.0, 5.0, 6.0], [4.0, 2.0, 3.0], [0.0, 0.0, 0.0]],
-                        dtype=torch.float64)
-    torch.testing.assert_close(sample_linear(vol, last),
-                               torch.stack([vol[4, 5, 6], vol[4, 2, 3], vol[0, 0, 0]]),
-                               atol=0, rtol=0)
-    out = torch.tensor([[-0.01, 2.0, 3.0], [1.0, 5.01, 3.0], [1.0, 2.0, 6.5]],
-                       dtype=torch.float64)
-    assert sample_linear(vol, out, fill=-7.0).tolist() == [-7.0, -7.0, -7.0]
-    assert sample_linear(vol, out).tolist() == [0.0, 0.0, 0.0]
-
-
-def test_sample_linear_clamp_boundary():
-    rng = np.random.default_rng(3)
-    vol = rng.normal(size=(5, 6, 7))
-    pts = rng.uniform(-3, 10, (300, 3))
-    assert ((pts < 0) | (pts > np.array(vol.shape) - 1)).any(axis=1).sum() > 100
-    got = sample_linear(torch.from_numpy(vol), torch.from_numpy(pts), boundary="clamp")
-    clipped = np.clip(pts, 0, np.array(vol.shape) - 1)
-    want = ndimage.map_coordinates(vol, clipped.T, order=1)
-    np.testing.assert_allclose(got.numpy(), want, atol=1e-12)
-    # Edge replication along one axis.
-    edge = sample_linear(torch.from_numpy(vol), torch.tensor([[-2.0, 1.0, 1.0],
-                                                              [9.0, 1.0, 1.0]],
-                                                             dtype=torch.float64),
-                         boundary="clamp")
-    np.testing.assert_allclose(edge.numpy(), [vol[0, 1, 1], vol[4, 1, 1]], rtol=0, atol=1e-12)
-    with pytest.raises(ValueError):
-        sample_linear(torch.from_numpy(vol), torch.from_numpy(pts), boundary="reflect")
-
-
-# --------------------------------------------------------------------------------------
-# 7. Official layer widths
+# 5. Official layer widths
 # --------------------------------------------------------------------------------------
 
 

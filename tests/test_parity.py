@@ -27,8 +27,9 @@ from synthmorph_nipype.transforms.io import load_transform
 from synthmorph_nipype.transforms.lta import read_lta
 
 KIT = Path(os.environ.get("SYNTHMORPH_PARITY_DIR", "/nonexistent"))
-pytestmark = pytest.mark.skipif(not (KIT / "expected").is_dir(),
-                                reason="SYNTHMORPH_PARITY_DIR does not point to the parity kit")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (KIT / "expected").is_dir(),
+                                 reason="SYNTHMORPH_PARITY_DIR does not point to the parity kit")]
 WEIGHTS = {"affine": ["affine_small.h5"], "rigid": ["rigid_small.h5"],
            "deform": ["deform_small.h5"], "joint": ["affine_small.h5", "deform_small.h5"]}
 REPORT: dict = {}

@@ -185,7 +185,8 @@ def test_matrix_refinement_recovers_a_known_affine_across_contrasts(rigid):
 def _pair_error(chain, fixed_path, rot, shift):
     """Mean distance (mm) over the fixed brain between ``chain``'s affine and the known
     fixed -> moving map of the ``nipype_pair`` fixture."""
-    from synthmorph_nipype.transforms.base import ImageGrid, rotation
+    from synthmorph_nipype.ops.rotation import rotation
+    from synthmorph_nipype.transforms.base import ImageGrid
 
     img = nb.load(fixed_path)
     truth = np.eye(4)

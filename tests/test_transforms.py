@@ -14,6 +14,7 @@ from nitransforms.manip import load as nt_chain_load
 from nitransforms.nonlinear import load as nt_field_load
 
 from synthmorph_nipype.errors import InputError
+from synthmorph_nipype.ops.rotation import rotation
 from synthmorph_nipype.transforms import (
     Affine,
     Chain,
@@ -25,7 +26,6 @@ from synthmorph_nipype.transforms import (
     save_transform,
     write_lta,
 )
-from synthmorph_nipype.transforms.base import rotation
 from synthmorph_nipype.transforms.itk import read_itk_h5
 
 FLIP = np.array([-1.0, -1.0, 1.0])
@@ -485,3 +485,23 @@ def test_wrong_image_shape_and_unknown_suffix(tmp_path):
         save_transform(tmp_path / "out.json", Chain([Affine(np.eye(4))]))
     with pytest.raises(InputError, match="missing.txt"):
         load_transform(tmp_path / "missing.txt")
+
+
+def test_transform_files_need_no_torch(tmp_path):
+    """Reading and writing transform files (and mapping points through affines) must not
+    load torch: a Nipype node that only converts a transform stays light."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from synthmorph_nipype.transforms import Affine, load_transform, save_transform\n"
+        f"p = {str(tmp_path / 'x.txt')!r}\n"
+        "save_transform(p, Affine(np.diag([2.0, 1.0, 1.0, 1.0])))\n"
+        "t = load_transform(p).chain\n"
+        "assert np.allclose(t.map([[1.0, 0, 0]]), [[2.0, 0, 0]])\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False", out.stderr

@@ -26,7 +26,7 @@ import pytest
 import SimpleITK as sitk
 from nipype.pipeline import engine as pe
 
-from synthmorph_nipype.transforms.base import rotation
+from synthmorph_nipype.ops.rotation import rotation
 from synthmorph_nipype.workflows import (
     init_coregister_wf,
     init_register_template_wf,
@@ -34,7 +34,8 @@ from synthmorph_nipype.workflows import (
 )
 from synthmorph_nipype.workflows.template import INPUT_FIELDS, OUTPUT_FIELDS
 
-pytestmark = pytest.mark.filterwarnings("ignore:Reference space not set")  # nitransforms
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore:Reference space not set")]  # nitransforms
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -16,30 +16,18 @@ import sys
 from pathlib import Path
 
 from .. import __version__
-from ..cli.parser import _non_negative, _positive
-from ..cli.parser import _unit_interval as _lam
+from ..cli.arguments import Parser, memory_gb, non_negative, positive, regularization
 from ..io.templates import DEFAULT_TEMPLATE
+from ..vocabulary import DETECTOR_MODES, EXTENTS, IMAGE_SIMILARITIES
 from .inputs import EXIT, BIDSAppError
 
 CONTRASTS = ("T1w", "T2w", "FLAIR", "PDw")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _mem_gb(text: str) -> float:
-    t = text.strip().lower().rstrip("b")
-    scale = {"g": 1.0, "m": 1 / 1024, "t": 1024.0}.get(t[-1:], None)
-    try:
-        return float(t[:-1]) * scale if scale else float(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"memory like 8, 8G or 8000M, got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="synthmorph-bids", description=(
+    """The parser of ``synthmorph-bids`` (BIDS-Apps positional arguments, fMRIPrep-style
+    options; usage errors are one line, exit code 2)."""
+    p = Parser(prog="synthmorph-bids", description=(
         "SynthMorph registration of every anatomical image of a BIDS dataset: the "
         "reference contrast (T1w when present) to a template, the other contrasts onto "
         "it; BIDS derivatives fMRIPrep reuses, and visual reports."))
@@ -65,32 +53,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"template: {DEFAULT_TEMPLATE} (default, the ICBM 2009a symmetric "
                    "template nilearn ships), a TemplateFlow ID already in "
                    "$TEMPLATEFLOW_HOME (e.g. MNI152NLin2009cAsym:res-1), or an image path")
-    r.add_argument("--mode", default="joint", choices=("joint", "affine", "rigid"),
+    r.add_argument("--mode", default="joint", choices=DETECTOR_MODES,
                    help="transformation to the template (default: joint)")
-    r.add_argument("--regularization", "--lambda", type=_lam, default=0.5, metavar="LAMBDA",
+    r.add_argument("--regularization", "--lambda", type=regularization, default=0.5,
+                   metavar="LAMBDA",
                    help="regularization weight of the deformation, in (0, 1) (default: 0.5)")
-    r.add_argument("--extent", type=int, default=256, choices=(192, 256),
+    r.add_argument("--extent", type=int, default=256, choices=EXTENTS,
                    help="network extent (default: 256)")
     r.add_argument("--weights", nargs="+", metavar="FILE",
                    help="model weights (default: the installed or embedded models)")
-    r.add_argument("--refine", type=_non_negative, metavar="N",
+    r.add_argument("--refine", type=non_negative, metavar="N",
                    help="test-time refinement steps of the deformation (default: what the "
                    "weights recommend)")
-    r.add_argument("--refine-affine", type=_non_negative, metavar="N",
+    r.add_argument("--refine-affine", type=non_negative, metavar="N",
                    help="test-time refinement steps of the affine (default: what the weights "
                    "recommend)")
-    r.add_argument("--refine-similarity", choices=("ncc", "mse", "mind"),
+    r.add_argument("--refine-similarity", choices=IMAGE_SIMILARITIES,
                    help="image similarity of the refinement (default: what the weights "
                    "recommend, else ncc)")
     r.add_argument("--use-gpu", action="store_true",
                    help="registration nodes are GPU nodes (CUDA when present)")
     e = p.add_argument_group("execution")
-    e.add_argument("--nprocs", "--nthreads", type=_positive,
+    e.add_argument("--nprocs", "--nthreads", type=positive,
                    default=len(os.sched_getaffinity(0)),
                    help="processes at once (default: all cores)")
-    e.add_argument("--omp-nthreads", type=_positive, help="threads per registration "
+    e.add_argument("--omp-nthreads", type=positive, help="threads per registration "
                    "(default: min(8, nprocs - 1), at least 1)")
-    e.add_argument("--mem", "--mem-gb", type=_mem_gb, metavar="GB",
+    e.add_argument("--mem", "--mem-gb", type=memory_gb, metavar="GB",
                    help="memory for all processes (e.g. 16G)")
     e.add_argument("-w", "--work-dir", default="work", help="Nipype's working directory "
                    "(default: ./work); a rerun with the same one reuses results")
@@ -103,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv=None) -> argparse.Namespace:
+    """Parsed arguments of ``synthmorph-bids`` (``argv`` defaults to ``sys.argv[1:]``),
+    with the checks argparse cannot express (positionals unless ``--demo``, contrasts)."""
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if not args.demo and not (args.bids_dir and args.output_dir and args.analysis_level):
@@ -115,6 +106,8 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """Run ``synthmorph-bids``; returns the exit code (0, or one of
+    :data:`~synthmorph_nipype.errors.BIDS_EXIT` with a one-line message)."""
     args = parse(argv)
     log = logging.getLogger("synthmorph_bids")  # ours only: Nipype logs on its own
     if not log.handlers:
@@ -124,7 +117,7 @@ def main(argv=None) -> int:
         log.setLevel(logging.INFO)
         log.propagate = False
     os.environ.setdefault("NIPYPE_NO_ET", "1")
-    from .run import run_demo, run_group, run_participant
+    from .run import run_group, run_participant
 
     try:
         if args.demo:
@@ -140,28 +133,30 @@ def main(argv=None) -> int:
         return 130
 
 
-def plugin_settings(args) -> tuple[str, dict]:
-    """The Nipype plugin and its arguments from the command line or ``--use-plugin``."""
-    if args.use_plugin:
-        import yaml
+def run_demo(args) -> int:
+    """``--demo OUTDIR``: a small BIDS dataset made from the bundled template, then both
+    analysis levels on it, with the execution options given."""
+    from .demo import make_demo_dataset
+    from .run import run_group, run_participant
 
-        try:
-            data = yaml.safe_load(Path(args.use_plugin).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise BIDSAppError(f"{args.use_plugin}: not a readable plugin file ({err})",
-                               "bad_filter") from None
-        if not isinstance(data, dict) or "plugin" not in data:
-            raise BIDSAppError(f"{args.use_plugin}: needs a 'plugin' key", "bad_filter")
-        from nipype.pipeline import plugins
+    root = Path(args.demo).resolve()
+    bids = make_demo_dataset(root / "bids")
+    out, work = root / "derivatives", root / "work"
+    common = ["--work-dir", str(work), "--nprocs", str(args.nprocs), "--extent",
+              str(args.extent)]
+    if args.omp_nthreads:
+        common += ["--omp-nthreads", str(args.omp_nthreads)]
+    if args.weights:
+        common += ["--weights", *args.weights]
+    if args.mode != "joint":
+        common += ["--mode", args.mode]
+    code = run_participant(parse([str(bids), str(out), "participant", *common]))
+    if code == 0:
+        code = run_group(parse([str(bids), str(out), "group"]))
+    if code == 0:
+        print(f"synthmorph-bids demo: reports in {out} (open {out / 'group_report.html'} "
+              f"and {out}/sub-*.html)")
+    return code
 
-        if not hasattr(plugins, f"{data['plugin']}Plugin"):
-            raise BIDSAppError(f"{args.use_plugin}: unknown Nipype plugin "
-                               f"{data['plugin']!r}", "bad_filter")
-        return str(data["plugin"]), dict(data.get("plugin_args") or {})
-    plugin_args = {"n_procs": args.nprocs, "raise_insufficient": False}
-    if args.mem:
-        plugin_args["memory_gb"] = args.mem
-    return ("MultiProc" if args.nprocs > 1 else "Linear"), plugin_args
 
-
-__all__ = ["EXIT", "build_parser", "main", "parse", "plugin_settings"]
+__all__ = ["EXIT", "build_parser", "main", "parse", "run_demo"]

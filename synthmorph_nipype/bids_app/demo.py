@@ -11,7 +11,7 @@ import nibabel as nb
 import numpy as np
 from scipy import ndimage
 
-from ..transforms.base import rotation
+from ..ops.rotation import rotation
 
 
 def _subject_images(seed: int, template, mask) -> tuple[nb.Nifti1Image, nb.Nifti1Image]:

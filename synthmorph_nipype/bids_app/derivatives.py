@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from nipype.interfaces.base import (
 )
 
 from .. import __version__
-from ..io.atomic import OutputSet
+from ..io.atomic import atomic_copy, atomic_write_text
 
 PATTERNS = [
     "sub-{subject}[/ses-{session}]/{datatype<anat|figures>|anat}/sub-{subject}[_ses-{session}]"
@@ -53,21 +52,8 @@ def derivative_path(entities: dict) -> str:
     return path
 
 
-def atomic_copy(src: str | os.PathLike, dst: Path) -> None:
-    """Copy under a temporary name beside ``dst``, then rename (the project's
-    :class:`~synthmorph_nipype.io.atomic.OutputSet`): a reader never sees half a file."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with OutputSet() as out:
-        shutil.copyfile(src, out.temp(dst))
-
-
-def atomic_write_text(dst: Path, text: str) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with OutputSet() as out:
-        out.temp(dst).write_text(text)
-
-
 def sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 hex digest of a file (read in blocks)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -143,7 +129,6 @@ class DerivativeSink(SimpleInterface):
 
     input_spec = _DerivativeSinkInputSpec
     output_spec = _DerivativeSinkOutputSpec
-    _always_run = True  # a rerun restores derivatives removed from the output folder
 
     def _run_interface(self, runtime):
         ent = dict(self.inputs.entities)

@@ -1,9 +1,11 @@
 """Visual and numeric quality control: per-subject HTML reports and the group summary.
 
-Figures are nilearn plots (matplotlib, no display): the registered image under the
-template's outline, before and after, and each co-registered contrast under the
-reference's outline. Numbers: the correlation with the template inside its brain mask
-after registration, the share of folded voxels of the deformation, and run times.
+Figures are fMRIPrep's reportlets (niworkflows): SVGs that flicker between the template
+and the registered image under the template's brain outline, and between the reference
+and each co-registered contrast. Numbers: the correlation with the template inside its
+brain mask after registration, the share of folded voxels of the deformation, and run
+times. The group report plots every registration's similarity and folding against the
+outlier thresholds, beside the table.
 """
 
 from __future__ import annotations
@@ -16,36 +18,40 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
-from .derivatives import atomic_write_text
+from ..io.atomic import OutputSet, atomic_write_text
 
 SUMMARY_FIELDS = ["participant", "session", "reference", "template", "mode", "lambda",
                   "device", "registration_s", "similarity", "folding_pct", "outlier"]
 
 
-def _plot(image, contour_of, out_png: Path, title: str) -> str:
+def flicker_reportlet(fixed: str, moved: str, out_svg: Path, *, labels: tuple[str, str],
+                      contour: str | None = None) -> str:
+    """A before/after reportlet as fMRIPrep's (niworkflows): axial, coronal and sagittal
+    cuts of ``fixed`` and of ``moved`` (on the same grid) in one SVG that flickers from
+    one to the other under the mouse, with ``contour`` (a mask) outlined on both."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from nilearn import plotting
+    from niworkflows.viz.utils import compose_view, cuts_from_bbox, plot_registration
 
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    values = np.asanyarray(nb.load(image).dataobj, dtype=np.float32)
-    positive = values[values > 0]
-    vmax = float(np.percentile(positive, 99.5)) if positive.size else 1.0
-    display = plotting.plot_anat(image, display_mode="ortho", title=title, dim=0,
-                                 vmin=0, vmax=vmax, colorbar=False, annotate=False,
-                                 draw_cross=False, black_bg=True)
-    data = np.asanyarray(nb.load(contour_of).dataobj, dtype=np.float32)
-    if set(np.unique(data)) <= {0.0, 1.0}:  # a mask: its edge
-        levels = [0.5]
-    else:  # an image: two intensity levels of its bright part, above background noise
-        levels = list(np.percentile(data[data > 0.1 * data.max()], [40, 85]))
-    display.add_contours(contour_of, levels=levels, colors="r", linewidths=0.8)
-    display.savefig(str(out_png), dpi=80)
-    display.close()
+    out_svg.parent.mkdir(parents=True, exist_ok=True)
+    fixed_img, moved_img = nb.load(fixed), nb.load(moved)
+    mask = nb.load(contour) if contour else None
+    if mask is None:  # cut where the fixed image has signal
+        data = np.asanyarray(fixed_img.dataobj, dtype=np.float32)
+        mask = nb.Nifti1Image((data > np.percentile(data[data > 0], 20)).astype(np.uint8)
+                              if (data > 0).any() else np.ones(data.shape, np.uint8),
+                              fixed_img.affine)
+    cuts = cuts_from_bbox(mask, cuts=7)
+    views = [plot_registration(img, div_id, estimate_brightness=True, cuts=cuts, label=label,
+                               contour=mask if contour else None, compress=False)
+             for img, div_id, label in ((fixed_img, "fixed-image", labels[0]),
+                                        (moved_img, "moving-image", labels[1]))]
+    with OutputSet() as out:
+        compose_view(views[0], views[1], out_file=out.temp(out_svg))
     plt.close("all")
-    return str(out_png)
+    return str(out_svg)
 
 
 def similarity(moved: str, template: str, mask: str | None) -> float:
@@ -89,7 +95,8 @@ PAGE = """<!DOCTYPE html>
 <style>
 body {{ font-family: sans-serif; margin: 2em; max-width: 70em; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #bbb; padding: .3em .6em; }}
-img {{ max-width: 100%; }} .flag {{ background: #fdd; }} h2 {{ border-bottom: 1px solid #ccc; }}
+img, .reportlet {{ max-width: 100%; width: 100%; }} .flag {{ background: #fdd; }}
+h2 {{ border-bottom: 1px solid #ccc; }}
 </style></head><body>
 <h1>{title}</h1>
 {body}
@@ -105,26 +112,80 @@ def write_subject_report(out_html: Path, summary: dict, figures: list[tuple[str,
                    for k, v in summary.items())
     body = f"<h2>Summary</h2><table>{rows}</table>"
     for caption, rel in figures:
-        body += (f"<h2>{html.escape(caption)}</h2>"
-                 f'<img src="{html.escape(rel)}" alt="{html.escape(caption)}">')
+        body += (f"<h2>{html.escape(caption)}</h2><p><small>Hover over the image to "
+                 "flicker between the two.</small></p>"
+                 f'<object type="image/svg+xml" data="{html.escape(rel)}" '
+                 f'class="reportlet">{html.escape(caption)}</object>')
     atomic_write_text(out_html, PAGE.format(
         title=html.escape(f"SynthMorph: {summary['unit']}"), body=body,
         version=html.escape(version)))
     return out_html
 
 
-def flag_outliers(rows: list[dict], key: str = "similarity", k: float = 3.0) -> None:
+FOLDING_LIMIT = 0.1  # % of voxels: more folding flags a registration
+
+
+def flag_outliers(rows: list[dict], key: str = "similarity", k: float = 3.0) -> float:
     """Mark rows whose ``key`` lies more than ``k`` robust deviations (MAD) below the
-    median, or that failed to produce it (NaN)."""
+    median, or that failed to produce it (NaN), or that fold more than
+    :data:`FOLDING_LIMIT`; returns the similarity threshold (NaN without values).
+
+    >>> rows = [{"similarity": v} for v in (0.9, 0.91, 0.89, 0.9, 0.5)]
+    >>> round(flag_outliers(rows), 3), [r["outlier"] for r in rows]
+    (0.856, ['no', 'no', 'no', 'no', 'yes'])
+    """
     values = [r[key] for r in rows if r.get(key) is not None and np.isfinite(r[key])]
     med = statistics.median(values) if values else float("nan")
     mad = statistics.median([abs(v - med) for v in values]) * 1.4826 if values else 0.0
+    threshold = med - k * mad if mad > 0 else (med - 0.05 if len(values) > 2 else -np.inf)
     for r in rows:
         v = r.get(key)
-        low = v is None or not np.isfinite(v) or (mad > 0 and v < med - k * mad) or (
-            mad == 0 and len(values) > 2 and v < med - 0.05)
-        fold = (r.get("folding_pct") or 0) > 0.1
+        low = v is None or not np.isfinite(v) or v < threshold
+        fold = (r.get("folding_pct") or 0) > FOLDING_LIMIT
         r["outlier"] = "yes" if low or fold else "no"
+    return threshold if values else float("nan")
+
+
+def group_figure(rows: list[dict], threshold: float, out_svg: Path) -> str:
+    """Each registration's similarity against its folding, named, with the outlier
+    thresholds (the similarity limit and :data:`FOLDING_LIMIT`), as MRIQC's group plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_svg.parent.mkdir(parents=True, exist_ok=True)
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text stays text: searchable
+        return _group_figure(plt, rows, threshold, out_svg)
+
+
+def _group_figure(plt, rows: list[dict], threshold: float, out_svg: Path) -> str:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        x = r.get("similarity")
+        x = x if x is not None and np.isfinite(x) else 0.0
+        y = r.get("folding_pct") or 0.0
+        flagged = r.get("outlier") == "yes"
+        name = f"sub-{r['participant']}" + (f" ses-{r['session']}" if r.get("session")
+                                            not in (None, "n/a") else "")
+        point = ax.scatter([x], [y], s=40, color="#c0392b" if flagged else "#2c7fb8",
+                           zorder=3)
+        point.set_gid(name)  # the SVG element carries the name
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if np.isfinite(threshold):
+        ax.axvline(threshold, color="#c0392b", ls="--", lw=1,
+                   label=f"similarity limit {threshold:.3f} (median - 3 MAD)")
+    ax.axhline(FOLDING_LIMIT, color="#e67e22", ls=":", lw=1,
+               label=f"folding limit {FOLDING_LIMIT} %")
+    ax.set_xlabel("similarity to the template (correlation in the brain mask)")
+    ax.set_ylabel("folded voxels (%)")
+    ax.set_title(f"{len(rows)} registration(s); red: flagged")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    with OutputSet() as out:
+        fig.savefig(out.temp(out_svg), format="svg")
+    plt.close(fig)
+    return str(out_svg)
 
 
 def write_group_report(output_dir: str | Path, version: str) -> tuple[Path, Path, int]:
@@ -132,7 +193,7 @@ def write_group_report(output_dir: str | Path, version: str) -> tuple[Path, Path
     under ``output_dir``; returns their paths and the number of outliers."""
     out = Path(output_dir)
     rows = [json.loads(p.read_text()) for p in sorted(out.glob("sub-*/**/log/*_summary.json"))]
-    flag_outliers(rows)
+    threshold = flag_outliers(rows)
     tsv = out / "group_summary.tsv"
     lines = ["\t".join(SUMMARY_FIELDS)]
     for r in rows:
@@ -143,8 +204,11 @@ def write_group_report(output_dir: str | Path, version: str) -> tuple[Path, Path
     body_rows = "".join(_row(r).replace("<tr>", '<tr class="flag">', 1)
                         if r["outlier"] == "yes" else _row(r) for r in rows)
     n_out = sum(r["outlier"] == "yes" for r in rows)
+    figure = group_figure(rows, threshold, out / "figures" / "group_qc.svg")
     body = (f"<p>{len(rows)} registration(s), {n_out} flagged (similarity more than 3 MAD "
-            "below the median, or folding above 0.1 %).</p>"
+            f"below the median, or folding above {FOLDING_LIMIT} %).</p>"
+            f'<object type="image/svg+xml" data="{Path(figure).relative_to(out)}" '
+            'class="reportlet">similarity and folding of each registration</object>'
             f"<table><tr>{head}</tr>{body_rows}</table>")
     page = out / "group_report.html"
     atomic_write_text(page, PAGE.format(title="SynthMorph: group summary", body=body,

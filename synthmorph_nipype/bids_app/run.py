@@ -47,8 +47,10 @@ def _omp(args) -> int:
 
 
 def run_participant(args) -> int:
+    """The participant level: check the dataset and output folder, select the units,
+    build :func:`~synthmorph_nipype.bids_app.workflow.init_synthmorph_bids_wf` and run it
+    with the chosen Nipype plugin; 0, or ``some_skipped`` when units were left out."""
     from ..io.templates import resolve_template
-    from .cli import plugin_settings
     from .workflow import init_synthmorph_bids_wf
 
     # every check before anything is written
@@ -109,6 +111,8 @@ def run_participant(args) -> int:
 
 
 def run_group(args) -> int:
+    """The group level: ``group_summary.tsv`` and ``group_report.html`` from the
+    participant summaries in the output folder."""
     from .reports import write_group_report
 
     out = Path(args.output_dir)
@@ -120,25 +124,25 @@ def run_group(args) -> int:
     return 0
 
 
-def run_demo(args) -> int:
-    from .cli import parse
-    from .demo import make_demo_dataset
+def plugin_settings(args) -> tuple[str, dict]:
+    """The Nipype plugin and its arguments from the command line or ``--use-plugin``."""
+    if args.use_plugin:
+        import yaml
 
-    root = Path(args.demo).resolve()
-    bids = make_demo_dataset(root / "bids")
-    out, work = root / "derivatives", root / "work"
-    common = ["--work-dir", str(work), "--nprocs", str(args.nprocs), "--extent",
-              str(args.extent)]
-    if args.omp_nthreads:
-        common += ["--omp-nthreads", str(args.omp_nthreads)]
-    if args.weights:
-        common += ["--weights", *args.weights]
-    if args.mode != "joint":
-        common += ["--mode", args.mode]
-    code = run_participant(parse([str(bids), str(out), "participant", *common]))
-    if code == 0:
-        code = run_group(parse([str(bids), str(out), "group"]))
-    if code == 0:
-        print(f"synthmorph-bids demo: reports in {out} (open {out / 'group_report.html'} "
-              f"and {out}/sub-*.html)")
-    return code
+        try:
+            data = yaml.safe_load(Path(args.use_plugin).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise BIDSAppError(f"{args.use_plugin}: not a readable plugin file ({err})",
+                               "bad_filter") from None
+        if not isinstance(data, dict) or "plugin" not in data:
+            raise BIDSAppError(f"{args.use_plugin}: needs a 'plugin' key", "bad_filter")
+        from nipype.pipeline import plugins
+
+        if not hasattr(plugins, f"{data['plugin']}Plugin"):
+            raise BIDSAppError(f"{args.use_plugin}: unknown Nipype plugin "
+                               f"{data['plugin']!r}", "bad_filter")
+        return str(data["plugin"]), dict(data.get("plugin_args") or {})
+    plugin_args = {"n_procs": args.nprocs, "raise_insufficient": False}
+    if args.mem:
+        plugin_args["memory_gb"] = args.mem
+    return ("MultiProc" if args.nprocs > 1 else "Linear"), plugin_args

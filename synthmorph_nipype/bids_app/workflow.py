@@ -15,6 +15,7 @@ from nipype.pipeline import engine as pe
 
 from .. import __version__
 from ..io.templates import Template
+from ..vocabulary import DEFORM_MODES
 from ..workflows import init_coregister_wf, init_synthmorph_wf
 from .derivatives import DerivativeSink
 from .inputs import Unit
@@ -43,13 +44,19 @@ def init_synthmorph_bids_wf(
 
     Parameters
     ----------
-    units : the (subject, session) selections of :func:`.inputs.select_units`.
-    template : the resolved registration template.
-    output_dir, bids_dir : derivatives root and raw dataset root.
-    mode, regularization, weights, use_gpu, omp_nthreads, extent, refine, refine_similarity,
-    refine_affine, write_lambda
+    units : sequence of Unit
+        The (subject, session) selections of
+        :func:`~synthmorph_nipype.bids_app.inputs.select_units`.
+    template : Template
+        The resolved registration template.
+    output_dir, bids_dir : str or Path
+        Derivatives root and raw dataset root.
+    mode, regularization, weights, use_gpu, omp_nthreads, extent : various
         Registration settings (see :func:`~synthmorph_nipype.workflows.init_synthmorph_wf`).
-    weights_info : what the sidecars record about the model (name, checksum).
+    refine, refine_similarity, refine_affine, write_lambda : various
+        Refinement and output settings, as for the same function.
+    weights_info : dict, optional
+        What the sidecars record about the model (name, checksum).
     """
     workflow = pe.Workflow(name=name)
     for unit in units:
@@ -84,7 +91,8 @@ def _sink(name: str, output_dir, bids_dir, entities: dict, sources, metadata=Non
     return pe.Node(DerivativeSink(output_dir=str(output_dir), bids_dir=str(bids_dir),
                                   entities=entities, source_file=sources,
                                   metadata=metadata or {}),
-                   name=name, run_without_submitting=True)
+                   name=name, run_without_submitting=True,
+                   overwrite=True)  # always run: a rerun restores removed derivatives
 
 
 def init_single_unit_wf(*, unit: Unit, template: Template, output_dir, bids_dir, mode: str,
@@ -102,9 +110,9 @@ def init_single_unit_wf(*, unit: Unit, template: Template, output_dir, bids_dir,
                          if refine_affine else {})
     reg_meta = {"Mode": mode, "Extent": extent, "Template": template.name,
                 "TemplateSource": template.source, "SoftwareVersion": __version__,
-                **({"Regularization": regularization} if mode in ("joint", "deform") else {}),
+                **({"Regularization": regularization} if mode in DEFORM_MODES else {}),
                 **({"Refinement": {"Steps": refine, "Similarity": refine_similarity}}
-                   if refine and mode in ("joint", "deform") else {}),
+                   if refine and mode in DEFORM_MODES else {}),
                 **(affine_refinement if mode != "deform" else {}),
                 **({"RefinementMask": {"Fixed": Path(template.mask).name}}
                    if template.mask else {}),
@@ -114,7 +122,7 @@ def init_single_unit_wf(*, unit: Unit, template: Template, output_dir, bids_dir,
                                 weights=weights, refine=refine,
                                 refine_similarity=refine_similarity,
                                 refine_affine=refine_affine,
-                                write_lambda=write_lambda and mode in ("joint", "deform"),
+                                write_lambda=write_lambda and mode in DEFORM_MODES,
                                 name="template_reg_wf")
     reg_wf.inputs.inputnode.moving_image = unit.reference
     reg_wf.inputs.inputnode.fixed_image = template.t1w
@@ -145,7 +153,7 @@ def init_single_unit_wf(*, unit: Unit, template: Template, output_dir, bids_dir,
         (to_h5, sinks["inv"], [("inverse", "in_file")]),
         (reg_wf, sinks["moved"], [("outputnode.moved_image", "in_file")]),
     ])
-    if write_lambda and mode in ("joint", "deform"):  # the weight map, in template space
+    if write_lambda and mode in DEFORM_MODES:  # the weight map, in template space
         ds_lambda = _sink("ds_std_lambda", output_dir, bids_dir,
                           {**unit.entities, "space": template.name, **tpl_ent,
                            "desc": "lambda", "suffix": ref}, [unit.reference],
@@ -153,13 +161,13 @@ def init_single_unit_wf(*, unit: Unit, template: Template, output_dir, bids_dir,
                            "of the spatially varying model, in (0, 1]"})
         workflow.connect(reg_wf, "outputnode.lambda_map", ds_lambda, "in_file")
     report = pe.Node(niu.Function(function=_report, output_names=["out_report"]),
-                     name="report", run_without_submitting=True)
-    report.interface._always_run = True  # like the sinks: a rerun restores the report
+                     name="report", run_without_submitting=True,
+                     overwrite=True)  # like the sinks: a rerun restores the report
     report.inputs.unit_label = unit.label
     report.inputs.info = {
         "participant": unit.subject, "session": unit.session or "n/a", "reference": ref,
         "template": template.name, "mode": mode,
-        "lambda": regularization if mode in ("joint", "deform") else "n/a",
+        "lambda": regularization if mode in DEFORM_MODES else "n/a",
         "weights": weights_info.get("Model", "n/a"), "version": __version__}
     report.inputs.output_dir = str(output_dir)
     report.inputs.subject_dir = str(Path(output_dir) / f"sub-{unit.subject}")
@@ -235,28 +243,28 @@ def _report(unit_label, info, output_dir, subject_dir, original, moved, forward,
     import os
     from pathlib import Path
 
-    from synthmorph_nipype.bids_app.derivatives import atomic_write_text
     from synthmorph_nipype.bids_app.reports import (
-        _plot,
+        flicker_reportlet,
         folding_pct,
         similarity,
         write_subject_report,
     )
+    from synthmorph_nipype.io.atomic import atomic_write_text
 
     subj = Path(subject_dir)
     figs = subj / "figures"
-    tpl_contour = template_mask or template_t1w
     ref = info["reference"]
     figures = [
-        ("Before: the original image under the template's outline",
-         _plot(original, tpl_contour, figs / f"{unit_label}_desc-before_{ref}.png", "before")),
-        ("After: the registered image under the template's outline",
-         _plot(moved, tpl_contour, figs / f"{unit_label}_desc-after_{ref}.png", "after")),
+        (f"Registration of the {ref} to the template {info['template']} (outline: the "
+         "template's brain mask)",
+         flicker_reportlet(template_t1w, moved, figs / f"{unit_label}_desc-std_{ref}.svg",
+                           labels=("template", f"registered {ref}"),
+                           contour=template_mask)),
     ]
     for name, path in zip(coreg_names, coreg_moved, strict=True):
-        figures.append((f"{name} co-registered to the {ref}, under the {ref}'s outline",
-                        _plot(path, original, figs / f"{unit_label}_desc-coreg_{name}.png",
-                              f"{name} on {ref}")))
+        svg = figs / f"{unit_label}_desc-coreg_{name}.svg"
+        figures.append((f"Co-registration of the {name} to the {ref}",
+                        flicker_reportlet(original, path, svg, labels=(ref, name))))
     summary = {"unit": unit_label, **info, "device": device,
                "registration_s": round(sum(float(t) for t in elapsed_s), 2),
                "similarity": round(similarity(moved, template_t1w, template_mask), 4),

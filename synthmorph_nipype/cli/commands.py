@@ -9,15 +9,16 @@ import warnings
 
 import numpy as np
 
-from ..engine.register import pick_device, set_threads
+from ..engine.device import pick_device, set_threads
 from ..engine.register import register as run_register
-from ..engine.resample import header_only, resample, save_image
+from ..engine.resample import header_only, resample
 from ..engine.weights import find_weights, load_models
 from ..errors import DataWarning, InputError, SynthMorphError
 from ..io.atomic import OutputSet
-from ..io.images import load_image
+from ..io.images import load_image, save_image
 from ..transforms.base import ImageGrid, has_shear
 from ..transforms.io import load_transform, save_transform, transform_suffix
+from ..vocabulary import AFFINE_MODES, DEFORM_MODES
 
 LINEAR_ONLY = (".lta", ".txt", ".mat")
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
@@ -44,13 +45,12 @@ def _check_outputs(args: argparse.Namespace) -> None:
         if path:
             _check_image_output(path)
     for path in (*args.trans, *args.inverse):
-        if transform_suffix(path) in LINEAR_ONLY and args.mode not in (
-                "affine", "rigid"):
+        if transform_suffix(path) in LINEAR_ONLY and args.mode not in AFFINE_MODES:
             raise SynthMorphError(f"{path}: this format holds affine transforms only; "
                                   f"write the {args.mode} transform as .h5 or .nii.gz")
-    if args.header_only and args.mode not in ("affine", "rigid"):
+    if args.header_only and args.mode not in AFFINE_MODES:
         raise SynthMorphError("-H (header only) needs an affine or rigid mode")
-    if args.refine and args.mode in ("affine", "rigid"):
+    if args.refine and args.mode in AFFINE_MODES:
         raise SynthMorphError("--refine applies to the deformable modes (joint, deform)")
     if args.refine_affine and args.mode == "deform":
         raise SynthMorphError("--refine-affine applies to the affine, rigid and joint modes")
@@ -109,7 +109,7 @@ def register(args: argparse.Namespace) -> None:
     moving_mask, fixed_mask = _load_mask(args.moving_mask), _load_mask(args.fixed_mask)
     for path, img in [(p, fixed) for p in args.trans] + [(p, moving) for p in args.inverse]:
         if transform_suffix(path) in (".h5", ".nii", ".nii.gz") and has_shear(
-                img.affine) and args.mode not in ("affine", "rigid"):
+                img.affine) and args.mode not in AFFINE_MODES:
             raise InputError(f"{path}: ITK displacement fields cannot live on the sheared "
                              f"voxel grid of {img.get_filename()}; resample it first")
     init = None
@@ -138,7 +138,7 @@ def register(args: argparse.Namespace) -> None:
         if args.mode != "deform":
             steps.append(models.refine_affine if args.refine_affine is None
                          else args.refine_affine)
-        if args.mode in ("joint", "deform"):
+        if args.mode in DEFORM_MODES:
             steps.append(models.refine if args.refine is None else args.refine)
         if not any(steps):  # (workflows pass masks whatever the weights recommend)
             warnings.warn("the masks have no effect: they restrict the test-time "

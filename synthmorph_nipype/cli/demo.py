@@ -9,12 +9,15 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
-from ..engine.register import pick_device, register, set_threads
-from ..engine.resample import resample, save_image
+from ..engine.device import pick_device, set_threads
+from ..engine.register import register
+from ..engine.resample import resample
 from ..engine.weights import find_weights, load_models
 from ..errors import WeightsError
 from ..io.atomic import OutputSet
-from ..transforms.base import Affine, ImageGrid, rotation
+from ..io.images import save_image
+from ..ops.rotation import rotation
+from ..transforms.base import Affine, ImageGrid
 from ..transforms.io import save_transform
 
 
@@ -59,6 +62,8 @@ def make_pair(outdir: Path) -> tuple[Path, Path, Affine]:
 
 
 def run(args: argparse.Namespace) -> None:
+    """``synthmorph demo``: write the pair, register it, print the error against the
+    truth."""
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     OutputSet.check_writable(outdir / "fixed.nii.gz")

@@ -6,55 +6,20 @@ import argparse
 import sys
 
 from .. import __version__
-
-
-class Parser(argparse.ArgumentParser):
-    """An argument parser whose usage errors are a single line."""
-
-    def error(self, message: str):  # noqa: D102
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"regularization weight must lie in (0, 1), got {text}")
-    return value
-
-
-def _extent(text: str) -> int:
-    if text not in ("192", "256"):
-        raise argparse.ArgumentTypeError(f"extent must be 192 or 256, got {text}")
-    return int(text)
-
-
-def _non_negative(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return int(text)
-
-
-MAX_STEPS = 16  # 2**16 halvings already leave a velocity far below a voxel's precision
-
-
-def _int_steps(text: str) -> int:
-    value = _non_negative(text)
-    if value > MAX_STEPS:
-        raise argparse.ArgumentTypeError(f"integration steps must lie in 0..{MAX_STEPS}, "
-                                         f"got {text}")
-    return value
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
+from ..vocabulary import DETECTOR_MODES, IMAGE_SIMILARITIES, MODES, TRAINED_MODELS
+from .arguments import (
+    MAX_STEPS,
+    Parser,
+    extent,
+    integration_steps,
+    non_negative,
+    positive,
+    regularization,
+)
 
 
 def build_parser() -> Parser:
+    """The parser of ``synthmorph`` and its subcommands (flags of ``mri_synthmorph``)."""
     parser = Parser(prog="synthmorph", description=(
         "SynthMorph registration of brain images of any contrast, in PyTorch."))
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -69,7 +34,7 @@ def build_parser() -> Parser:
     reg.add_argument("moving", metavar="MOVING")
     reg.add_argument("fixed", metavar="FIXED")
     reg.add_argument("-m", "--model", dest="mode", default="joint",
-                     choices=("joint", "deform", "affine", "rigid"),
+                     choices=MODES,
                      help="transformation model (default: joint)")
     reg.add_argument("-o", "--out-moving", metavar="MOVED", help="MOVING resampled onto FIXED")
     reg.add_argument("-O", "--out-fixed", metavar="FIXED_MOVED",
@@ -89,24 +54,24 @@ def build_parser() -> Parser:
                      "mask of FIXED (non-zero voxels, any grid; dilated by 4 mm), as ANTs' "
                      "-x: e.g. a brain mask against a head")
     reg.add_argument("--moving-mask", metavar="MASK", help="the same for MOVING")
-    reg.add_argument("-r", "--regularization", dest="lam", type=_unit_interval, default=None,
+    reg.add_argument("-r", "--regularization", dest="lam", type=regularization, default=None,
                      metavar="LAMBDA", help="regularization weight in (0, 1) (default: 0.5)")
-    reg.add_argument("-n", "--steps", type=_int_steps, default=7,
+    reg.add_argument("-n", "--steps", type=integration_steps, default=7,
                      help=f"integration steps, 0..{MAX_STEPS} (default: 7)")
-    reg.add_argument("-e", "--extent", type=_extent, default=256,
+    reg.add_argument("-e", "--extent", type=extent, default=256,
                      help="isotropic network extent, 192 or 256 (default: 256)")
     reg.add_argument("-w", "--weights", action="append", metavar="WEIGHTS",
                      help="model weights, .h5 (FreeSurfer/Keras) or .pt; repeatable")
-    reg.add_argument("-j", "--threads", type=_positive, metavar="N",
+    reg.add_argument("-j", "--threads", type=positive, metavar="N",
                      help="CPU threads (default: all cores)")
-    reg.add_argument("--refine", type=_non_negative, metavar="N",
+    reg.add_argument("--refine", type=non_negative, metavar="N",
                      help="deformable modes: optimise the predicted field on the pair for N "
                      "steps on a 4 mm grid (test-time refinement; default: what the weights "
                      "recommend - the embedded models' model card; 0 for FreeSurfer's)")
-    reg.add_argument("--refine-similarity", choices=("ncc", "mse", "mind"),
+    reg.add_argument("--refine-similarity", choices=IMAGE_SIMILARITIES,
                      help="image similarity of the refinement: local NCC, MSE, or MIND "
                      "across contrasts (default: what the weights recommend, else ncc)")
-    reg.add_argument("--refine-affine", type=_non_negative, metavar="N",
+    reg.add_argument("--refine-affine", type=non_negative, metavar="N",
                      help="affine, rigid and joint modes: optimise the predicted matrix on "
                      "the pair for N steps per level (4 mm, then 2 mm) on a MIND similarity; "
                      "default: what the weights recommend (the embedded models' model card; "
@@ -140,10 +105,10 @@ def build_parser() -> Parser:
         "error against the truth."))
     demo.add_argument("outdir", metavar="OUTDIR")
     demo.add_argument("-m", "--model", dest="mode", default="affine",
-                      choices=("joint", "affine", "rigid"))
-    demo.add_argument("-e", "--extent", type=_extent, default=256)
+                      choices=DETECTOR_MODES)
+    demo.add_argument("-e", "--extent", type=extent, default=256)
     demo.add_argument("-w", "--weights", action="append", metavar="WEIGHTS")
-    demo.add_argument("-j", "--threads", type=_positive, metavar="N")
+    demo.add_argument("-j", "--threads", type=positive, metavar="N")
     demo.add_argument("-g", "--gpu", action="store_true")
 
     syn = sub.add_parser("synth", help="write synthetic training pairs to look at",
@@ -154,28 +119,28 @@ def build_parser() -> Parser:
     syn.add_argument("outdir", metavar="OUTDIR")
     syn.add_argument("--label-maps", metavar="DIR_OR_FILE", nargs="+",
                      help="whole-head label maps of real subjects (see train)")
-    syn.add_argument("-n", "--count", type=_positive, default=4, help="pairs (default: 4)")
-    syn.add_argument("--model", default="affine", choices=("affine", "rigid", "joint"),
+    syn.add_argument("-n", "--count", type=positive, default=4, help="pairs (default: 4)")
+    syn.add_argument("--model", default="affine", choices=TRAINED_MODELS,
                      help="whose synthesis ranges to use (default: affine)")
     syn.add_argument("--config", metavar="FILE", help="training configuration (.toml/.json)")
-    syn.add_argument("--seed", type=_non_negative, default=None)
-    syn.add_argument("-j", "--threads", type=_positive, metavar="N")
+    syn.add_argument("--seed", type=non_negative, default=None)
+    syn.add_argument("-j", "--threads", type=positive, metavar="N")
 
     tr = sub.add_parser("train", help="train a model on synthetic data", description=(
         "Train an affine, rigid or joint (deformable) model from synthetic pairs alone. "
         "Resumes from OUT/checkpoint.pt when it exists; writes OUT/model.pt for -w, "
         "train.csv, val.csv and log.jsonl."))
-    tr.add_argument("--model", choices=("affine", "rigid", "joint"), default=None,
+    tr.add_argument("--model", choices=TRAINED_MODELS, default=None,
                     help="model to train (default: the configuration's, else joint)")
     tr.add_argument("--config", metavar="FILE", help="training configuration (.toml/.json)")
     tr.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    tr.add_argument("--steps", type=_non_negative, default=None, help="total optimizer steps")
-    tr.add_argument("--seed", type=_non_negative, default=None)
+    tr.add_argument("--steps", type=non_negative, default=None, help="total optimizer steps")
+    tr.add_argument("--seed", type=non_negative, default=None)
     tr.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
-    tr.add_argument("-j", "--threads", type=_positive, metavar="N")
+    tr.add_argument("-j", "--threads", type=positive, metavar="N")
     tr.add_argument("--affine-weights", metavar="PT",
                     help="joint: affine model .pt to bundle into the exported model")
-    tr.add_argument("--objective", choices=("synthetic", "similarity", "images"), default=None,
+    tr.add_argument("--objective", choices=("synthetic", "similarity"), default=None,
                     help="synthetic label maps (SynthMorph, default) or your own images "
                     "with an image similarity (VoxelMorph-style fine-tuning)")
     tr.add_argument("--images", metavar="DIR_OR_BIDS",
@@ -189,7 +154,7 @@ def build_parser() -> Parser:
                     help="whole-head label maps of real subjects (NIfTI/MGZ, FreeSurfer "
                     "labels; folders, files or glob patterns) to synthesise brains from "
                     "instead of the nilearn template")
-    tr.add_argument("--similarity", choices=("label_mse", "dice", "ncc", "mse", "mind"),
+    tr.add_argument("--similarity", choices=("label_mse", "dice", *IMAGE_SIMILARITIES),
                     default=None, help="training similarity (images: ncc, mse or mind)")
     tr.add_argument("--spatial-lambda", action="store_true",
                     help="joint: spatially varying regularisation (a voxel-wise lambda head "
@@ -207,6 +172,7 @@ def build_parser() -> Parser:
 
 
 def parse(argv=None) -> argparse.Namespace:
+    """Parsed arguments of ``synthmorph`` (``argv`` defaults to ``sys.argv[1:]``)."""
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "apply" and len(args.pairs) % 2:

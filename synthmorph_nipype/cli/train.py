@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from ..engine.register import set_threads
+from ..engine.device import set_threads
 from ..errors import SynthMorphError
 from ..io.atomic import OutputSet
 from ..training.config import read_config

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..ops.grid import affine_points, apply_affine
+from ..ops.grid import affine_points, apply_affine, slabs
 from ..ops.sampling import sample_linear
+
+SLAB = 1 << 21  # voxels per slab of whole-grid work, to bound memory
 
 
 def world_matrix(out: np.ndarray, net_to_src_ras: np.ndarray, dst_ras_to_net: np.ndarray):
@@ -17,30 +19,38 @@ def world_matrix(out: np.ndarray, net_to_src_ras: np.ndarray, dst_ras_to_net: np
 def world_field(out: torch.Tensor, net_to_src_ras: np.ndarray, dst_to_net: np.ndarray,
                 dst_affine: np.ndarray, dst_shape) -> np.ndarray:
     """RAS displacement on the dst grid: ``src_ras(p + u(p)) - dst_ras(x)``, ``p`` the
-    network point of dst voxel ``x`` and ``u`` interpolated on clamped coordinates."""
+    network point of dst voxel ``x`` and ``u`` interpolated on clamped coordinates
+    (computed slab by slab: memory beyond the result does not grow with the grid)."""
     dev = out.device
-    p = affine_points(dst_to_net, dst_shape, device=dev)
-    q = p + sample_linear(out, p, boundary="clamp")
-    del p
-    disp = apply_affine(net_to_src_ras, q)
-    del q
-    disp -= affine_points(dst_affine, dst_shape, device=dev)
-    return disp.cpu().numpy()
+    total = np.empty((*dst_shape, 3), np.float32)
+    for rows in slabs(dst_shape, SLAB):
+        p = affine_points(dst_to_net, dst_shape, device=dev, rows=rows)
+        q = p + sample_linear(out, p, boundary="clamp")
+        disp = apply_affine(net_to_src_ras, q)
+        disp -= affine_points(dst_affine, dst_shape, device=dev, rows=rows)
+        total[rows[0]:rows[1]] = disp.cpu().numpy()
+    return total
 
 
 def residual_field(total: np.ndarray, dst_affine: np.ndarray, affine: np.ndarray,
                    dst_shape) -> np.ndarray:
     """Displacement ``w`` with ``affine(x + w(x)) = x + total(x)`` on the dst grid: the
-    deformable part left after taking out the affine one (ITK composite layout)."""
-    pts = affine_points(dst_affine, dst_shape, dtype=torch.float64)
-    target = pts + torch.from_numpy(total).double()
-    res = apply_affine(np.linalg.inv(affine), target) - pts
-    return res.float().numpy()
+    deformable part left after taking out the affine one (ITK composite layout).
+    Overwrites and returns ``total`` (float32), slab by slab."""
+    inverse = np.linalg.inv(affine)
+    for i0, i1 in slabs(dst_shape, SLAB):
+        pts = affine_points(dst_affine, dst_shape, dtype=torch.float64, rows=(i0, i1))
+        target = pts + torch.from_numpy(total[i0:i1]).double()
+        total[i0:i1] = (apply_affine(inverse, target) - pts).float().numpy()
+    return total
 
 
 def push_field(total: np.ndarray, src_affine: np.ndarray, affine: np.ndarray,
                src_shape) -> np.ndarray:
-    """Displacement ``v`` with ``x + v(x) = affine(x + total(x))`` on the grid of ``total``."""
-    pts = affine_points(src_affine, src_shape, dtype=torch.float64)
-    res = apply_affine(affine, pts + torch.from_numpy(total).double()) - pts
-    return res.float().numpy()
+    """Displacement ``v`` with ``x + v(x) = affine(x + total(x))`` on the grid of ``total``.
+    Overwrites and returns ``total`` (float32), slab by slab."""
+    for i0, i1 in slabs(src_shape, SLAB):
+        pts = affine_points(src_affine, src_shape, dtype=torch.float64, rows=(i0, i1))
+        target = pts + torch.from_numpy(total[i0:i1]).double()
+        total[i0:i1] = (apply_affine(affine, target) - pts).float().numpy()
+    return total

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..models.affine import AffineDetector, centred_to_index, index_to_centred, sqrtm
+from ..models.affine import AffineDetector
 from ..models.joint import UNet, split_lambda
-from ..ops.grid import affine_points, voxel_grid
+from ..ops.grid import affine_points, centred_to_index, index_to_centred, voxel_grid
 from ..ops.integrate import integrate_svf
+from ..ops.linalg import sqrtm
 from ..ops.sampling import sample_linear
 from .refine import refine_matrix, refine_svf
 

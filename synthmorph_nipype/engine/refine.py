@@ -19,8 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..ops.grid import voxel_grid
+from ..ops.grid import REVERSED, normalised_matrix, voxel_grid
 from ..ops.integrate import integrate_svf
+from ..ops.linalg import rotation_exp
 from ..ops.regularity import grad_l2, weighted_grad_l2
 from ..ops.sampling import sample_linear
 from ..ops.similarity import IMAGE_SIMILARITIES, fixed_similarity
@@ -128,40 +129,20 @@ def _pool_matrix(pool: int) -> np.ndarray:
     return m
 
 
-def _normalising(shape) -> np.ndarray:
-    """Voxel index -> the ``[-1, 1]`` coordinates of ``grid_sample`` (corners aligned),
-    in which an optimiser step means about the same for translations and the matrix."""
-    n = np.asarray(shape, float) - 1
-    m = np.diag(list(2 / n) + [1.0])
-    m[:3, 3] = -1.0
-    return m
-
-
-FLIP = torch.tensor([2, 1, 0])  # (i, j, k) <-> grid_sample's (x, y, z) = (k, j, i)
-
-
 def _pull(image: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """``image`` (1, 1, X, Y, Z) sampled at ``matrix`` (4x4, normalised (i, j, k)) of each
     voxel of its own grid; zero outside."""
-    theta = matrix[:3][FLIP][:, torch.cat([FLIP, torch.tensor([3])])]
+    theta = matrix[:3][REVERSED][:, REVERSED + [3]]
     grid = F.affine_grid(theta[None], list(image.shape), align_corners=True)
     return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros",
                          align_corners=True)
-
-
-def _skew_exp(w: torch.Tensor) -> torch.Tensor:
-    """Rotation matrix ``exp([w]x)`` of an axis-angle vector."""
-    zero = torch.zeros((), dtype=w.dtype, device=w.device)
-    k = torch.stack([torch.stack([zero, -w[2], w[1]]), torch.stack([w[2], zero, -w[0]]),
-                     torch.stack([-w[1], w[0], zero])])
-    return torch.linalg.matrix_exp(k)
 
 
 def _increment(params: torch.Tensor, shift: torch.Tensor, rigid: bool) -> torch.Tensor:
     """4x4 matrix of the refinement's parameters: a rotation (axis-angle) or identity plus
     a free 3x3 part, and a translation."""
     eye = torch.eye(4, dtype=params.dtype, device=params.device)
-    lin = _skew_exp(params) if rigid else eye[:3, :3] + params.view(3, 3)
+    lin = rotation_exp(params) if rigid else eye[:3, :3] + params.view(3, 3)
     return torch.cat([torch.cat([lin, shift[:, None]], 1), eye[3:]], 0)
 
 
@@ -192,7 +173,7 @@ def refine_matrix(matrix: np.ndarray, image_1: torch.Tensor, image_2: torch.Tens
         x2 = F.avg_pool3d(image_2[None, None].float(), pool)
         k1, k2 = (None if m is None else F.avg_pool3d(m[None, None].float(), pool)
                   for m in (mask_1, mask_2))
-        p, c = _pool_matrix(pool), _normalising(x1.shape[2:])
+        p, c = _pool_matrix(pool), normalised_matrix(x1.shape[2:])
         # the matrix in centred pooled coordinates; refinement composes an increment after
         # it (on image 2's side): M' = M D
         to_c = torch.as_tensor(c @ np.linalg.inv(p), dtype=torch.float64)

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import nibabel as nb
@@ -17,14 +16,15 @@ import torch.nn.functional as F
 
 from ..errors import SynthMorphError
 from ..io.images import image_data
-from ..ops.grid import affine_points
+from ..ops.grid import affine_points, slabs
 from ..ops.sampling import sample_linear
 from ..transforms.base import Affine, Chain, DisplacementField, ImageGrid, Transform
+from ..vocabulary import AFFINE_MODES, DEFORM_MODES, EXTENTS, MODES, check
 from .compose import push_field, residual_field, world_field, world_matrix
 from .conform import conform
 from .network import run_affine, run_deformable
-from .space import EXTENTS, net_to_ras
-from .weights import MODES, Models
+from .space import net_to_ras
+from .weights import Models
 
 
 @dataclass
@@ -46,21 +46,6 @@ class Registration:
     info: dict = field(default_factory=dict)
     # models with spatially varying regularisation: the voxel-wise weight, on FIXED's grid
     lambda_map: nb.Nifti1Image | None = None
-
-
-def pick_device(gpu: bool | None = None) -> torch.device:
-    """``cuda`` when asked for (an error if absent), the CPU with ``gpu=False``, and with
-    ``gpu=None`` CUDA when present."""
-    if gpu and not torch.cuda.is_available():
-        raise SynthMorphError("GPU requested but CUDA is not available on this machine")
-    if gpu is None:
-        gpu = torch.cuda.is_available()
-    return torch.device("cuda" if gpu else "cpu")
-
-
-def set_threads(threads: int | None) -> None:
-    """Use ``threads`` CPU threads (default: all cores)."""
-    torch.set_num_threads(max(1, threads or len(os.sched_getaffinity(0))))
 
 
 MASK_DILATION_MM = 4.0  # masks grow this much: the similarity sees the edge of the brain
@@ -94,36 +79,49 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
 
     Parameters
     ----------
-    moving, fixed : nibabel spatial images (3-D).
-    models : the networks for ``mode`` (see :func:`~synthmorph_nipype.engine.weights.load_models`);
+    moving, fixed : nibabel.spatialimages.SpatialImage
+        The 3-D images.
+    models : Models
+        The networks for ``mode`` (see :func:`~synthmorph_nipype.engine.weights.load_models`);
         the regularisation weight was chosen when loading the deformable network.
-    mode : ``affine``, ``rigid``, ``deform`` (images already affinely aligned, or ``init``)
+    mode : str
+        ``affine``, ``rigid``, ``deform`` (images already affinely aligned, or ``init``)
         or ``joint``.
-    extent : 192 or 256, the network grid size.
-    steps : scaling-and-squaring steps for the SVF.
-    init : initial affine transform (fixed RAS -> moving RAS), folded into the moving
+    extent : int
+        192 or 256, the network grid size.
+    steps : int
+        Scaling-and-squaring steps for the SVF.
+    init : Transform, optional
+        Initial affine transform (fixed RAS -> moving RAS), folded into the moving
         network space; the results include it.
-    device : where the networks run.
-    outputs : which of ``forward`` and ``inverse`` to build (the other is ``None``); a
+    device : torch.device or str
+        Where the networks run.
+    outputs : tuple of str
+        Which of ``forward`` and ``inverse`` to build (the other is ``None``); a
         deformable direction nobody asked for costs its own world-space field.
-    refine, lam, similarity : test-time refinement of the deformable step: that many
-        optimisation steps of ``(1 - lam) * similarity + lam * Grad-l2`` on the pair
-        (``similarity``: ``ncc``, ``mse`` or ``mind``) on a 4 mm grid; ``None`` takes what
-        the weights recommend (``models.refine``, ``models.refine_similarity``), 0 keeps
-        the network's field.
-    refine_affine : test-time refinement of the affine (or rigid) matrix, steps per level
-        of a 4 mm / 2 mm pyramid on a symmetric MIND similarity (works across contrasts);
+    refine, lam, similarity : int, float, str
+        Test-time refinement of the deformable step: that many optimisation steps of
+        ``(1 - lam) * similarity + lam * Grad-l2`` on the pair (``similarity``: ``ncc``,
+        ``mse`` or ``mind``) on a 4 mm grid; ``None`` takes what the weights recommend
+        (``models.refine``, ``models.refine_similarity``), 0 keeps the network's field.
+    refine_affine : int, optional
+        Test-time refinement of the affine (or rigid) matrix, steps per level of a
+        4 mm / 2 mm pyramid on a symmetric MIND similarity (works across contrasts);
         ``None`` takes what the weights recommend (``models.refine_affine``: 0 for
         FreeSurfer's, the embedded models' model card gives theirs), 0 keeps the
         network's matrix.
-    moving_mask, fixed_mask : nibabel images (any grid covering the image; non-zero is
-        inside), as ANTs' ``-x``: the refinements' similarity counts only voxels inside
-        them, dilated by :data:`MASK_DILATION_MM` (the networks see the whole images).
+    moving_mask, fixed_mask : nibabel.spatialimages.SpatialImage, optional
+        As ANTs' ``-x`` (any grid covering the image; non-zero is inside): the
+        refinements' similarity counts only voxels inside them, dilated by
+        :data:`MASK_DILATION_MM` (the networks see the whole images).
+
+    Returns
+    -------
+    Registration
+        The world-space transforms and what was run.
     """
-    if mode not in MODES:
-        raise SynthMorphError(f"unknown mode {mode!r}, choose from {', '.join(MODES)}")
-    if extent not in EXTENTS:
-        raise SynthMorphError(f"extent must be 192 or 256, got {extent}")
+    check("mode", mode, MODES)
+    check("extent", extent, EXTENTS)
     mov, fix = ImageGrid.from_image(moving), ImageGrid.from_image(fixed)
     fix_net2ras = net_to_ras(fix.center_ras, extent)
     if init is not None:
@@ -145,13 +143,13 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
     if refine_affine is None:
         refine_affine = models.refine_affine
     if refine is None:
-        refine = models.refine if mode in ("deform", "joint") else 0
+        refine = models.refine if mode in DEFORM_MODES else 0
     if similarity is None:
         similarity = models.refine_similarity
     info = {"mode": mode, "extent": extent, "steps": steps, "device": str(device)}
     if refine_affine and mode != "deform":
         info["refine_affine"] = refine_affine
-    if mode in ("affine", "rigid"):
+    if mode in AFFINE_MODES:
         out = run_affine(models.affine, inp_1, inp_2, refine=refine_affine, masks=masks)
         if refine_affine:
             info["refine_affine_loss"] = out.stages["refine_affine_loss"]
@@ -176,20 +174,20 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
     lam_img = None
     if out.lambda_map is not None:  # fixed voxel -> fixed network index -> mid-space grid
         to_mid = np.linalg.inv(out.lambda_to_fixed) @ fix_ras2net @ fix.affine
-        pts = affine_points(to_mid, fix.shape, device=out.lambda_map.device)
-        lam = sample_linear(out.lambda_map, pts, boundary="clamp").cpu().numpy()
-        lam_img = nb.Nifti1Image(lam.astype(np.float32), fix.affine)
+        lam = np.empty(fix.shape, np.float32)
+        for i0, i1 in slabs(fix.shape):
+            pts = affine_points(to_mid, fix.shape, device=out.lambda_map.device, rows=(i0, i1))
+            lam[i0:i1] = sample_linear(out.lambda_map, pts, boundary="clamp").cpu().numpy()
+        lam_img = nb.Nifti1Image(lam, fix.affine)
     forward = inverse = None
     if "forward" in outputs:
         total_fw = world_field(out.out_1, mov_net2ras, fix_ras2net @ fix.affine, fix.affine,
                                fix.shape)
         fw_res = residual_field(total_fw, fix.affine, affine.matrix, fix.shape)
-        del total_fw
         forward = Chain([affine, DisplacementField(fix, fw_res)])
     if "inverse" in outputs:
         total_bw = world_field(out.out_2, fix_net2ras, mov_ras2net @ mov.affine, mov.affine,
                                mov.shape)
         bw_res = push_field(total_bw, mov.affine, affine.matrix, mov.shape)
-        del total_bw
         inverse = Chain([affine.inverse(), DisplacementField(mov, bw_res)])
     return Registration(mode, mov, fix, forward, inverse, info, lam_img)

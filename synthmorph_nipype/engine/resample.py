@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import nibabel as nb
 import numpy as np
 import torch
 
 from ..errors import DataWarning, SynthMorphError
-from ..ops.grid import apply_affine
+from ..ops.grid import apply_affine, slabs
 from ..ops.sampling import sample_linear, sample_nearest
 from ..transforms.base import ImageGrid, Transform
 
@@ -39,19 +38,23 @@ def resample(img, transform: Transform, reference: ImageGrid, *, method: str = "
     if vol.ndim > 3:
         vol = vol.reshape(*vol.shape[:3], -1)
     to_index = np.linalg.inv(np.asarray(img.affine, float))
-    ref_pts = reference.world_points().reshape(-1, 3)
-    out = []
-    for start in range(0, len(ref_pts), SLAB):
-        pts = transform.map(ref_pts[start:start + SLAB])
+    data = np.empty((*reference.shape, *vol.shape[3:]), out_dtype)
+    lo, hi = np.inf, -np.inf
+    for i0, i1 in slabs(reference.shape, SLAB):  # memory bounded by a slab, not the grid
+        pts = transform.map(reference.world_points((i0, i1)).reshape(-1, 3))
         idx = apply_affine(to_index, torch.from_numpy(pts))
         if method == "linear":
             # ITK's rule (values up to half a voxel beyond the edge centres), so that
             # ITK, ANTs and SimpleITK give the same image through our transforms
-            out.append(sample_linear(vol, idx.float(), boundary="itk", fill=fill))
+            vals = sample_linear(vol, idx.float(), boundary="itk", fill=fill)
         else:
-            out.append(sample_nearest(vol, idx, fill=fill))
-    data = torch.cat(out).reshape(*reference.shape, *vol.shape[3:]).numpy()
-    return make_image(img, _cast(data, out_dtype), reference.affine)
+            vals = sample_nearest(vol, idx, fill=fill)
+        vals = vals.reshape(i1 - i0, *data.shape[1:]).numpy()
+        if vals.size:
+            lo, hi = min(lo, float(vals.min())), max(hi, float(vals.max()))
+        data[i0:i1] = _cast(vals, out_dtype)
+    _warn_if_clipped(lo, hi, out_dtype)
+    return make_image(img, data, reference.affine)
 
 
 def _check_fill(fill: float, dtype: np.dtype) -> None:
@@ -61,13 +64,19 @@ def _check_fill(fill: float, dtype: np.dtype) -> None:
             raise SynthMorphError(f"fill value {fill:g} does not fit the output type {dtype}")
 
 
-def _cast(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    if dtype.kind in "iu" and data.dtype.kind in "fiu":
+def _warn_if_clipped(lo: float, hi: float, dtype: np.dtype) -> None:
+    """One warning when values ``lo`` to ``hi`` were clipped to the integer ``dtype``."""
+    if dtype.kind in "iu" and lo <= hi:
         info = np.iinfo(dtype)
-        lo, hi = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
         if lo < info.min - 0.5 or hi > info.max + 0.5:
             warnings.warn(f"values {lo:g} to {hi:g} do not fit {dtype} ({info.min} to "
                           f"{info.max}): clipped", DataWarning, stacklevel=3)
+
+
+def _cast(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``data`` as ``dtype``, rounded and clipped for integer types."""
+    if dtype.kind in "iu" and data.dtype.kind in "fiu":
+        info = np.iinfo(dtype)
         if data.dtype.kind == "f":
             data = np.rint(data)
         data = np.clip(data, info.min, info.max)
@@ -86,23 +95,6 @@ def make_image(like, data: np.ndarray, affine: np.ndarray):
     if isinstance(like, nb.MGHImage):
         return nb.MGHImage(data, affine)
     return nb.Nifti1Image(data, affine)
-
-
-MGH_TYPES = {"u1": "u1", "i1": "i2", "i2": "i2", "u2": "i4", "i4": "i4", "u4": "f4",
-             "i8": "f4", "u8": "f4", "f2": "f4", "f4": "f4", "f8": "f4", "b1": "u1"}
-
-
-def save_image(img, path: str | Path) -> None:
-    """Save in the format the file name asks for (``.mgz``/``.mgh`` or NIfTI); MGH files
-    get the nearest type they can hold (uint8, int16, int32, float32)."""
-    name = str(path).lower()
-    if name.endswith((".mgz", ".mgh")):
-        data = np.asanyarray(img.dataobj)
-        mgh = np.dtype(MGH_TYPES.get(data.dtype.str[1:], "f4"))
-        img = nb.MGHImage(data.astype(mgh), img.affine)
-    elif not name.endswith((".mgz", ".mgh")) and isinstance(img, nb.MGHImage):
-        img = nb.Nifti1Image(np.asarray(img.dataobj), img.affine)
-    nb.save(img, str(path))
 
 
 def header_only(img, transform: Transform):

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 
-EXTENTS = (192, 256)
-
 # Columns: world (RAS) direction of the network's array axes i, j, k (L, I, A).
 LIA = np.array([[-1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
 

@@ -18,8 +18,8 @@ from ..models.affine import AffineDetector
 from ..models.checkpoint import load_checkpoint
 from ..models.joint import HyperUNet, UNet
 from ..models.keras import load_keras
+from ..vocabulary import DEFORM_MODES, DETECTOR_MODES
 
-MODES = ("affine", "rigid", "deform", "joint")
 OFFICIAL = {
     "affine": ("synthmorph.affine.2.h5",),
     "rigid": ("synthmorph.rigid.1.h5",),
@@ -54,7 +54,7 @@ class Models:
 
 def needs(mode: str) -> tuple[bool, bool]:
     """Whether ``mode`` needs (a feature detector, a deformable network)."""
-    return mode in ("affine", "rigid", "joint"), mode in ("deform", "joint")
+    return mode in DETECTOR_MODES, mode in DEFORM_MODES
 
 
 def find_weights(mode: str, weights: list[str] | None = None) -> list[Path]:

@@ -40,6 +40,8 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from ..vocabulary import AFFINE_MODES, EXTENTS, IMAGE_SIMILARITIES, MODES, check
+
 #: Peak resident memory (GB) of one registration measured on 2 CPU threads, for the
 #: embedded (small) models and for models of the official size, by extent. The embedded
 #: figures include the test-time refinement they recommend (1 mm benchmark pairs).
@@ -63,9 +65,8 @@ def estimate_mem_gb(mode: str = "joint", extent: int = 256, *, official: bool = 
     >>> estimate_mem_gb("rigid", 192, official=True)
     2.5
     """
-    if extent not in (192, 256):
-        raise ValueError(f"extent must be 192 or 256, got {extent}")
-    kind = "affine" if mode in ("affine", "rigid") else "joint"
+    check("extent", extent, EXTENTS)
+    kind = "affine" if mode in AFFINE_MODES else "joint"
     gb = _MEASURED_GB[("official" if official else "embedded", kind, extent)]
     return round(gb * 1.25 * 4) / 4
 
@@ -80,7 +81,6 @@ def synthmorph_command() -> str:
     return f"{sys.executable} -m synthmorph_nipype.cli.main"
 
 
-AFFINE_MODES = ("affine", "rigid")
 _DONE = re.compile(r"registration done in ([0-9.]+) s on (\S+)")
 
 
@@ -93,7 +93,7 @@ class SynthMorphRegisterInputSpec(_SynthMorphInputSpec):
                         desc="image to register (MOVING)")
     fixed_image = File(exists=True, mandatory=True, position=-1, argstr="%s",
                        desc="reference image (FIXED)")
-    mode = traits.Enum("joint", "deform", "affine", "rigid", usedefault=True, argstr="-m %s",
+    mode = traits.Enum(*MODES, usedefault=True, argstr="-m %s",
                        desc="transformation model; deform starts from init_transform")
     regularization = traits.Range(low=0.0, high=1.0, value=0.5, exclude_low=True,
                                   exclude_high=True, usedefault=True, argstr="-r %g",
@@ -116,7 +116,7 @@ class SynthMorphRegisterInputSpec(_SynthMorphInputSpec):
                                "installed/embedded models")
     refine = traits.Range(low=0, argstr="--refine %d",
                           desc="test-time refinement steps of the deformable field")
-    refine_similarity = traits.Enum("ncc", "mse", "mind", argstr="--refine-similarity %s",
+    refine_similarity = traits.Enum(*IMAGE_SIMILARITIES, argstr="--refine-similarity %s",
                                     desc="image similarity of the refinement")
     refine_affine = traits.Range(low=0, argstr="--refine-affine %d",
                                  desc="test-time refinement steps of the affine (unset: "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -133,3 +134,18 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
     except OSError:
         return False
+
+
+def atomic_copy(src: str | os.PathLike, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` under a temporary name beside it, then rename: a reader
+    never sees half a file."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with OutputSet() as out:
+        shutil.copyfile(src, out.temp(dst))
+
+
+def atomic_write_text(dst: Path, text: str) -> None:
+    """Write ``text`` to ``dst`` the same way."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with OutputSet() as out:
+        out.temp(dst).write_text(text)

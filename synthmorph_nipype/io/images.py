@@ -1,4 +1,5 @@
-"""Load 3-D images (NIfTI, MGZ) and refuse the unusable ones with a one-line reason."""
+"""Load 3-D images (NIfTI, MGZ), refusing the unusable ones with a one-line reason, and
+save them in the format a file name asks for."""
 
 from __future__ import annotations
 
@@ -73,3 +74,20 @@ def _reason(err: Exception) -> str:
 def image_data(img) -> np.ndarray:
     """Image data as float32 (the dtype the networks use)."""
     return np.asarray(img.dataobj, dtype=np.float32).reshape(img.shape[:3])
+
+
+MGH_TYPES = {"u1": "u1", "i1": "i2", "i2": "i2", "u2": "i4", "i4": "i4", "u4": "f4",
+             "i8": "f4", "u8": "f4", "f2": "f4", "f4": "f4", "f8": "f4", "b1": "u1"}
+
+
+def save_image(img, path: str | Path) -> None:
+    """Save in the format the file name asks for (``.mgz``/``.mgh`` or NIfTI); MGH files
+    get the nearest type they can hold (uint8, int16, int32, float32)."""
+    name = str(path).lower()
+    if name.endswith((".mgz", ".mgh")):
+        data = np.asanyarray(img.dataobj)
+        mgh = np.dtype(MGH_TYPES.get(data.dtype.str[1:], "f4"))
+        img = nb.MGHImage(data.astype(mgh), img.affine)
+    elif not name.endswith((".mgz", ".mgh")) and isinstance(img, nb.MGHImage):
+        img = nb.Nifti1Image(np.asarray(img.dataobj), img.affine)
+    nb.save(img, str(path))

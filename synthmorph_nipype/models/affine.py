@@ -162,30 +162,3 @@ def rigid_part(matrix: torch.Tensor) -> torch.Tensor:
     out = matrix.clone()
     out[:, :3, :3] = q
     return out
-
-
-def centred_to_index(matrix: torch.Tensor, extent: int) -> torch.Tensor:
-    """``T(+c) @ matrix @ T(-c)`` with ``c = (extent - 1) / 2``: from centred to index space."""
-    c = (extent - 1) / 2
-    shift = torch.eye(4, dtype=matrix.dtype, device=matrix.device)
-    shift[:3, 3] = c
-    unshift = torch.eye(4, dtype=matrix.dtype, device=matrix.device)
-    unshift[:3, 3] = -c
-    return shift @ matrix @ unshift
-
-
-def index_to_centred(matrix: torch.Tensor, extent: int) -> torch.Tensor:
-    """The inverse of :func:`centred_to_index`."""
-    c = (extent - 1) / 2
-    shift = torch.eye(4, dtype=matrix.dtype, device=matrix.device)
-    shift[:3, 3] = c
-    return torch.linalg.inv(shift) @ matrix @ shift
-
-
-def sqrtm(matrix: torch.Tensor, iterations: int = 30) -> torch.Tensor:
-    """Principal square root of a batch of matrices (Denman-Beavers iteration)."""
-    y = matrix
-    z = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device).expand_as(matrix)
-    for _ in range(iterations):
-        y, z = 0.5 * (y + torch.linalg.inv(z)), 0.5 * (z + torch.linalg.inv(y))
-    return y

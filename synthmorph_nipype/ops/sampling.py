@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .grid import to_grid_sample
+
 CHUNK = 1 << 22
 
 
@@ -76,8 +78,7 @@ def sample_linear(
     out = torch.empty((pts.shape[0], vol.shape[3]), dtype=vol.dtype, device=vol.device)
     for start in range(0, pts.shape[0], CHUNK):
         p = pts[start:start + CHUNK].to(vol.device, torch.float64)
-        # normalised to [-1, 1] in float64; grid_sample wants (z, y, x) order for (i, j, k)
-        grid = (p / hi.clamp(min=1) * 2 - 1).flip(-1).to(vol.dtype)
+        grid = to_grid_sample(p, vol.shape[:3]).to(vol.dtype)  # normalised in float64
         res = F.grid_sample(inp, grid.view(1, 1, 1, -1, 3), mode="bilinear",
                             padding_mode="border", align_corners=True)
         res = res.view(vol.shape[3], -1).T

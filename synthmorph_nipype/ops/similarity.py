@@ -60,7 +60,7 @@ def _mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
 
 def local_ncc(moved: torch.Tensor, fixed: torch.Tensor, window: int = 9,
               eps: float = 1e-5, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Negative mean local squared correlation coefficient over ``window``^3 cubes
+    """Negative mean local squared correlation coefficient over cubes of ``window**3`` voxels
     (VoxelMorph's NCC): -1 for images that agree up to a local linear intensity map.
 
     >>> x = torch.rand(1, 1, 12, 12, 12)

@@ -31,17 +31,22 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 
+from ..ops.grid import voxel_grid
+from ..ops.integrate import integrate_svf
+from ..ops.rotation import rotation
+from ..ops.sampling import sample_nearest
+
 __all__ = [
     "SynthConfig",
     "deform_labels",
     "gaussian_blur",
-    "integrate_batch",
     "labels_to_image",
     "random_affine",
     "random_bias_field",
     "random_svf",
     "random_svf_warp",
     "reduce_resolution",
+    "remove_labels",
     "sample_pair",
     "strip_labels",
 ]
@@ -167,22 +172,6 @@ def _shape3(shape) -> tuple[int, int, int]:
 
 # ----------------------------------------------------------------------------- affine
 
-def _rotation(angles_deg: torch.Tensor) -> torch.Tensor:
-    """(B, 3) angles about x, y, z in degrees -> (B, 3, 3) ``Rz @ Ry @ Rx`` (as
-    :func:`synthmorph_nipype.transforms.base.rotation`)."""
-    a = torch.deg2rad(angles_deg.double())
-    c, s = torch.cos(a), torch.sin(a)
-    one, zero = torch.ones_like(c[:, 0]), torch.zeros_like(c[:, 0])
-
-    def mat(rows):
-        return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=-2)
-
-    rx = mat([[one, zero, zero], [zero, c[:, 0], -s[:, 0]], [zero, s[:, 0], c[:, 0]]])
-    ry = mat([[c[:, 1], zero, s[:, 1]], [zero, one, zero], [-s[:, 1], zero, c[:, 1]]])
-    rz = mat([[c[:, 2], -s[:, 2], zero], [s[:, 2], c[:, 2], zero], [zero, zero, one]])
-    return rz @ ry @ rx
-
-
 def random_affine(batch: int, shape, config: SynthConfig, generator: torch.Generator, *,
                   device=None) -> torch.Tensor:
     """Random voxel-space pull-back matrices ``(B, 4, 4)`` (float32) about the centre.
@@ -204,7 +193,7 @@ def random_affine(batch: int, shape, config: SynthConfig, generator: torch.Gener
     upper = torch.eye(3, dtype=torch.float64, device=device).repeat(batch, 1, 1)
     upper[:, 0, 1], upper[:, 0, 2], upper[:, 1, 2] = shears[:, 0], shears[:, 1], shears[:, 2]
     upper = torch.diag_embed(scales.double()) @ upper
-    linear = _rotation(angles) @ upper  # millimetre space
+    linear = torch.as_tensor(rotation(angles.double().cpu().numpy()), device=device) @ upper
 
     vs = torch.tensor(config.voxel_mm(), dtype=torch.float64, device=device)
     linear = linear * vs[None, None, :] / vs[None, :, None]  # D^-1 L D
@@ -217,43 +206,6 @@ def random_affine(batch: int, shape, config: SynthConfig, generator: torch.Gener
 
 
 # ----------------------------------------------------------------------------- warps
-
-def _voxel_grid(shape, device) -> torch.Tensor:
-    axes = [torch.arange(n, dtype=torch.float32, device=device) for n in shape]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
-
-
-def _normalise_coords(coords: torch.Tensor, shape) -> torch.Tensor:
-    """Voxel coordinates (..., 3) in (i, j, k) -> grid_sample's [-1, 1] (z, y, x) order."""
-    hi = torch.tensor([max(n - 1, 1) for n in shape], dtype=coords.dtype, device=coords.device)
-    return (coords * (2.0 / hi) - 1.0).flip(-1)
-
-
-def _sample_field(field: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """Trilinear sample of ``field`` (B, C, X, Y, Z) at voxel ``coords`` (B, X', Y', Z', 3),
-    coordinates clamped to the grid (edge replication)."""
-    grid = _normalise_coords(coords, field.shape[2:])
-    return F.grid_sample(field, grid, mode="bilinear", padding_mode="border",
-                         align_corners=True)
-
-
-def integrate_batch(svf: torch.Tensor, steps: int = 7) -> torch.Tensor:
-    """Scaling and squaring of SVFs ``(B, X, Y, Z, 3)`` in voxels -> displacements.
-
-    The batched twin of :func:`synthmorph_nipype.ops.integrate.integrate_svf` (same
-    clamped trilinear interpolation).
-    """
-    if steps < 0:
-        raise ValueError("the number of integration steps must be >= 0")
-    if steps == 0:
-        return svf
-    grid = _voxel_grid(svf.shape[1:4], svf.device)
-    disp = (svf / 2**steps).permute(0, 4, 1, 2, 3)  # (B, 3, X, Y, Z)
-    for _ in range(steps):
-        coords = grid + disp.permute(0, 2, 3, 4, 1)
-        disp = disp + _sample_field(disp, coords)
-    return disp.permute(0, 2, 3, 4, 1).contiguous()
-
 
 def _control_size(n: int, spacing: float) -> int:
     return max(2, math.ceil((n - 1) / max(spacing, 1e-6)) + 1)
@@ -317,8 +269,8 @@ def random_svf_warp(batch: int, shape, config: SynthConfig, generator: torch.Gen
                         device=device)
     out = []
     for sign in (1.0, -1.0)[:1 + bool(inverse)]:
-        disp = integrate_batch(sign * svf.permute(0, 2, 3, 4, 1) / step,
-                               config.warp_steps) * step
+        disp = integrate_svf(sign * svf.permute(0, 2, 3, 4, 1) / step,
+                             config.warp_steps) * step
         if low != shape:
             disp = _upsample(disp.permute(0, 4, 1, 2, 3), shape).permute(0, 2, 3, 4, 1)
         out.append(disp.contiguous())
@@ -336,22 +288,15 @@ def deform_labels(labels: torch.Tensor, affine: torch.Tensor | None,
     if labels.ndim != 4:
         raise ValueError(f"expected labels (B, X, Y, Z), got {tuple(labels.shape)}")
     b, shape = labels.shape[0], tuple(labels.shape[1:])
-    coords = _voxel_grid(shape, labels.device).expand(b, *shape, 3)
+    coords = voxel_grid(shape, device=labels.device).expand(b, *shape, 3)
     if disp is not None:
         coords = coords + disp.to(labels.device, torch.float32)
     if affine is not None:
         m = affine.to(labels.device, torch.float32)
         coords = torch.einsum("bij,bxyzj->bxyzi", m[:, :3, :3], coords) \
             + m[:, None, None, None, :3, 3]
-    idx = torch.floor(coords + 0.5).long()
-    inside = torch.ones(idx.shape[:-1], dtype=torch.bool, device=labels.device)
-    flat = torch.zeros(idx.shape[:-1], dtype=torch.long, device=labels.device)
-    for a, stride in enumerate((shape[1] * shape[2], shape[2], 1)):
-        inside &= (idx[..., a] >= 0) & (idx[..., a] < shape[a])
-        flat += idx[..., a].clamp(0, shape[a] - 1) * stride
-    out = torch.gather(labels.reshape(b, -1), 1, flat.reshape(b, -1)).reshape(labels.shape)
-    return torch.where(inside, out, torch.as_tensor(fill, dtype=labels.dtype,
-                                                    device=labels.device))
+    return torch.stack([sample_nearest(lab, c, fill=fill) for lab, c in zip(labels, coords,
+                                                                           strict=True)])
 
 
 def strip_labels(labels: torch.Tensor, skull_labels, prob: float,
@@ -359,11 +304,26 @@ def strip_labels(labels: torch.Tensor, skull_labels, prob: float,
     """Skull on/off: with probability ``prob`` per batch element, set ``skull_labels`` to
     background (0). Returns the labels and the (B,) bool mask of stripped elements."""
     strip = _rand(generator, (labels.shape[0],), labels.device) < prob
-    if not len(skull_labels) or not torch.any(strip):
+    if not torch.any(strip):
         return labels, strip
-    ids = torch.as_tensor(tuple(skull_labels), dtype=labels.dtype, device=labels.device)
-    hit = torch.isin(labels, ids) & strip[:, None, None, None]
-    return torch.where(hit, torch.zeros_like(labels), labels), strip
+    return remove_labels(labels, skull_labels, strip), strip
+
+
+def remove_labels(labels: torch.Tensor, ids, where: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """``labels`` with ``ids`` set to background; with ``where`` (B,), only in the batch
+    elements of ``labels`` (B, X, Y, Z) where it is true.
+
+    >>> remove_labels(torch.tensor([[[[0, 3, 5]]]]), (5,))
+    tensor([[[[0, 3, 0]]]])
+    """
+    if not len(ids):
+        return labels
+    hit = torch.isin(labels, torch.as_tensor(tuple(ids), dtype=labels.dtype,
+                                             device=labels.device))
+    if where is not None:
+        hit &= where[:, None, None, None]
+    return torch.where(hit, torch.zeros_like(labels), labels)
 
 
 # ----------------------------------------------------------------------------- intensities

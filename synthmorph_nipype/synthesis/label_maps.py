@@ -37,6 +37,17 @@ HEAD_LABELS_BELOW_500 = (24,)
 SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
 
 
+def is_head(labels) -> np.ndarray:
+    """Where ``labels`` belong to the head rather than the brain: 500 and above, or
+    :data:`HEAD_LABELS_BELOW_500`.
+
+    >>> is_head([0, 2, 24, 515])
+    array([False, False,  True,  True])
+    """
+    labels = np.asarray(labels)
+    return (labels >= 500) | np.isin(labels, HEAD_LABELS_BELOW_500)
+
+
 @dataclass
 class SubjectLabels:
     """One subject's label map: integer labels on their grid, and where they lie."""
@@ -50,8 +61,7 @@ class SubjectLabels:
     def head_labels(self) -> tuple[int, ...]:
         """Labels of this map that synthesis may strip."""
         present = np.unique(self.labels)
-        return tuple(int(v) for v in present
-                     if v >= 500 or v in HEAD_LABELS_BELOW_500)
+        return tuple(int(v) for v in present[is_head(present)])
 
 
 def label_map_files(source: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -117,8 +127,7 @@ def loss_labels(maps: Sequence[SubjectLabels]) -> tuple[int, ...]:
     brain = tuple(v for v in BRAIN_LABELS if v in present)
     if brain:
         return brain
-    return tuple(sorted(v for v in present
-                        if v and v < 500 and v not in HEAD_LABELS_BELOW_500))
+    return tuple(sorted(v for v in present if v and not is_head(v)))
 
 
 def centroids(subject: SubjectLabels, labels: Sequence[int]) -> np.ndarray:

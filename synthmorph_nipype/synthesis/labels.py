@@ -21,6 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..ops.grid import voxel_grid
+from ..ops.sampling import sample_nearest
+
 __all__ = ["perlin_noise", "random_shapes", "template_labels", "TEMPLATE_NAME"]
 
 #: What :func:`template_labels` is derived from (nilearn's ``load_mni152_*`` files).
@@ -204,17 +207,11 @@ def random_shapes(
 
 
 def _warp_nearest(labels: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
-    """Sample ``labels`` (spatial) at ``x + disp(x)`` (voxels), nearest neighbour."""
-    shape = labels.shape
-    axes = [torch.arange(s, device=labels.device, dtype=torch.float32) for s in shape]
-    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1) + disp
-    # Normalise to [-1, 1] (align_corners=True) and reverse to grid_sample's x, y, z order.
-    sizes = torch.tensor([max(s - 1, 1) for s in shape], device=labels.device)
-    grid = (2 * grid / sizes - 1).flip(-1)
-    src = labels.to(torch.float32)[None, None]
-    out = F.grid_sample(src, grid[None], mode="nearest", padding_mode="border",
-                        align_corners=True)
-    return out[0, 0].round().long()
+    """Sample ``labels`` (spatial) at ``x + disp(x)`` (voxels), nearest neighbour, the
+    points clamped to the grid."""
+    hi = torch.tensor([n - 1 for n in labels.shape], device=labels.device)
+    points = voxel_grid(labels.shape, device=labels.device) + disp
+    return sample_nearest(labels, torch.minimum(points.clamp(min=0), hi))
 
 
 def _kmeans_1d(values: np.ndarray, k: int, iters: int = 50) -> np.ndarray:

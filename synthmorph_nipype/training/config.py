@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import json
 import math
+import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-
-import tomllib
 
 from ..errors import InputError
 from ..models.affine import AffineConfig
 from ..models.joint import UNetConfig
 from ..synthesis.generator import SynthConfig
+from ..vocabulary import EXTENTS, TRAINED_MODELS, check
 
-MODELS = ("affine", "rigid", "joint")
 RAMPED = ("noise_min", "noise_max", "blur_max_mm", "bias_std", "gamma_std", "res_prob",
           "crop_prob")
 
@@ -85,7 +84,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     affine_weights: str | None = None  # joint: affine .pt bundled into the exported model
-    # objective "similarity" (alias "images"): VoxelMorph-style training on a user's
+    # objective "similarity": VoxelMorph-style training on a user's
     # images (a folder, a BIDS dataset or a list) with an image similarity ("ncc", "mse",
     # "mind"), starting from init_weights (a joint .pt, e.g. the embedded model: its
     # detector aligns the pairs)
@@ -95,20 +94,21 @@ class TrainConfig:
     extent: int = 192
 
     def __post_init__(self):
-        if self.model not in MODELS:
-            raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        if self.model not in TRAINED_MODELS:
+            raise ValueError(f"model must be one of {', '.join(TRAINED_MODELS)}, "
+                             f"got {self.model!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.steps < 0 or self.grid < 16 or self.grid % 16:
             raise ValueError("steps must be >= 0 and grid a multiple of 16")
         if self.lr_decay_start is not None and not 0 <= self.lr_decay_start <= self.steps:
             raise ValueError("lr_decay_start must lie between 0 and steps")
-        if self.crop is not None and not (16 <= self.crop <= self.grid and self.crop % 16 == 0):
+        if self.crop is not None and not (
+                16 <= self.crop and self.crop % 16 == 0
+                and (self.objective == "similarity" or self.crop <= self.grid)):
             raise ValueError("crop must be a multiple of 16 no larger than grid")
-        if self.objective == "images":  # the name of earlier versions
-            self.objective = "similarity"
         if self.objective not in ("synthetic", "similarity"):
-            raise ValueError("objective must be synthetic or similarity (images), got "
+            raise ValueError("objective must be synthetic or similarity, got "
                              f"{self.objective!r}")
         if self.objective == "similarity":
             if self.model != "joint" or not self.images:
@@ -116,8 +116,7 @@ class TrainConfig:
                                  "images")
             if self.similarity == "label_mse":  # the label default has no image meaning
                 self.similarity = "ncc"
-            if self.extent not in (192, 256):
-                raise ValueError(f"extent must be 192 or 256, got {self.extent}")
+            check("extent", self.extent, EXTENTS)
             if self.voxel_mm != 2.0:  # pairs come at the engine's half resolution
                 raise ValueError("the similarity objective trains on the 2 mm grid "
                                  "(voxel_mm 2)")

@@ -20,6 +20,7 @@ import torch
 from ..engine.space import net_to_ras
 from ..ops.grid import affine_points
 from ..ops.sampling import sample_nearest
+from ..synthesis.generator import remove_labels
 from ..synthesis.label_maps import SubjectLabels, align, loss_labels
 from ..synthesis.labels import random_shapes, template_labels
 from ..transforms.base import ImageGrid
@@ -153,10 +154,10 @@ class LabelSource:
             labels_2, source = labels_2[None].to(device), "subjects"
         if u[1] >= self.head_prob:  # this pair keeps no head at all
             source += "-stripped"
-            lab = _strip(lab, skull)
-            labels_2 = None if labels_2 is None else _strip(labels_2, skull)
+            lab = remove_labels(lab, skull)
+            labels_2 = None if labels_2 is None else remove_labels(labels_2, skull)
             skull = ()
-        return LabelMap(lab[None].to(device) if lab.ndim == 3 else lab.to(device), skull,
+        return LabelMap(lab[None].to(device), skull,
                         self.lookup.to(device), source, labels_2)
 
     def draw(self, generator: torch.Generator, device: torch.device | str = "cpu") -> LabelMap:
@@ -180,11 +181,3 @@ class LabelSource:
         lookup = torch.arange(n, device=device)
         lookup[num_brain:] = 0  # the loss sees brain labels only: the head is to be ignored
         return LabelMap(lab[None].to(device), skull, lookup, source)
-
-
-def _strip(labels: torch.Tensor, head: tuple[int, ...]) -> torch.Tensor:
-    """``labels`` with the ``head`` labels set to background."""
-    if not head:
-        return labels
-    ids = torch.as_tensor(head, dtype=labels.dtype, device=labels.device)
-    return torch.where(torch.isin(labels, ids), torch.zeros_like(labels), labels)

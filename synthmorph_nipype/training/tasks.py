@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models.affine import AffineConfig, AffineDetector, centred_to_index
+from ..models.affine import AffineConfig, AffineDetector
 from ..models.joint import HyperUNet, UNet, UNetConfig, split_lambda
 from ..models.layers import HyperConv3d
-from ..ops.grid import apply_affine, voxel_grid
+from ..ops.grid import apply_affine, centred_to_index, voxel_grid
 from ..ops.integrate import integrate_svf
 from ..ops.jacobian import folding_percent
 from ..ops.regularity import beta_prior, weighted_grad_l2

@@ -22,13 +22,13 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import MISSING, fields, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from ..engine.register import pick_device, set_threads
+from ..engine.device import pick_device, set_threads
 from ..engine.weights import load_parts
 from ..io.atomic import OutputSet
 from ..models.checkpoint import load_checkpoint, save_checkpoint
@@ -113,12 +113,19 @@ def _cpu_has_bf16() -> bool:
 
 
 def crop_pair(pair: Pair, size: int, generator: torch.Generator) -> Pair:
-    """The same random cube of edge ``size`` cut from both images and label maps."""
+    """The same random cube of edge ``size`` cut from both images and label maps (pairs
+    of images without labels: from the images).
+
+    >>> p = crop_pair(Pair(torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 8), None, None),
+    ...               4, torch.Generator().manual_seed(0))
+    >>> tuple(p.image_1.shape), p.onehot_1
+    ((1, 1, 4, 4, 4), None)
+    """
     shape = pair.image_1.shape[2:]
     lo = [int(torch.randint(0, n - size + 1, (1,), generator=generator)) for n in shape]
     cut = (..., *(slice(a, a + size) for a in lo))
-    return Pair(*(t[cut].contiguous() for t in (pair.image_1, pair.image_2, pair.onehot_1,
-                                                 pair.onehot_2)))
+    return Pair(*(None if t is None else t[cut].contiguous()
+                  for t in (pair.image_1, pair.image_2, pair.onehot_1, pair.onehot_2)))
 
 
 def make_pair(source: LabelSource, synth: SynthConfig, generator: torch.Generator,
@@ -288,8 +295,6 @@ class Trainer:
                     if f.default is not MISSING}
         saved = {k: v for k, v in {**defaults, **state["config"]}.items()
                  if k not in RESUMABLE}
-        if saved.get("objective") == "images":  # renamed
-            saved["objective"] = "similarity"
         mine = {k: v for k, v in self.config.to_dict().items() if k not in RESUMABLE}
         if saved != mine:
             diff = sorted(k for k in mine if saved.get(k) != mine[k])
@@ -340,7 +345,7 @@ class Trainer:
                 parts[key] = pooled
         if self.detector is not None and not self.config.affine_weights:
             parts["affine"] = self.detector  # fine-tuned models keep their detector
-        meta = {"trained_steps": self.step, "date": datetime.now(timezone.utc).date().isoformat(),
+        meta = {"trained_steps": self.step, "date": datetime.now(UTC).date().isoformat(),
                 "training_config": json.dumps(self.config.to_dict()), **self.recommended}
         if self.config.model == "joint" and self.config.affine_weights:
             bundled = load_checkpoint(self.config.affine_weights)
@@ -369,7 +374,7 @@ class Trainer:
             synth, p_same = cfg.synth_at(self.step)
             same = bool(torch.rand((), generator=self.generator) < p_same) if p_same else False
             pair = self._draw(self.generator, synth, same)
-            if cfg.crop and cfg.crop < cfg.grid and self.images is None:
+            if cfg.crop and cfg.crop < min(pair.image_1.shape[2:]):
                 pair = crop_pair(pair, cfg.crop, self.generator)
             try:
                 loss, terms = self.task.loss(pair, self.generator, self.autocast)

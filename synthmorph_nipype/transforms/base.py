@@ -14,9 +14,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
-import torch
-
-from ..ops.sampling import sample_linear
 
 
 def as_points(points) -> np.ndarray:
@@ -31,19 +28,6 @@ def as_points(points) -> np.ndarray:
 
 def _apply_matrix(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ matrix[:3, :3].T + matrix[:3, 3]
-
-
-def rotation(angles_deg) -> np.ndarray:
-    """3x3 rotation about the x, y and z axes (degrees), x applied first: ``Rz @ Ry @ Rx``.
-
-    >>> np.round(rotation((0, 0, 90)) @ [1, 0, 0], 6)
-    array([0., 1., 0.])
-    """
-    ax, ay, az = np.deg2rad(np.asarray(angles_deg, dtype=np.float64))
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
 
 
 def has_shear(affine, tol: float = 1e-4) -> bool:
@@ -103,11 +87,14 @@ class ImageGrid(NamedTuple):
         """
         return _apply_matrix(self.affine, np.asarray(self.shape, dtype=np.float64)[None] / 2)[0]
 
-    def world_points(self) -> np.ndarray:
-        """RAS coordinates of every voxel centre, as an ``(X, Y, Z, 3)`` float64 array."""
-        idx = np.stack(np.meshgrid(*[np.arange(n) for n in self.shape], indexing="ij"), -1)
+    def world_points(self, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """RAS coordinates of every voxel centre, as an ``(X, Y, Z, 3)`` float64 array;
+        with ``rows = (i0, i1)`` those of the voxels ``i0 <= i < i1`` only (a slab)."""
+        i0, i1 = rows if rows is not None else (0, self.shape[0])
+        axes = [np.arange(i0, i1), *[np.arange(n) for n in self.shape[1:]]]
+        idx = np.stack(np.meshgrid(*axes, indexing="ij"), -1)
         return _apply_matrix(self.affine, idx.reshape(-1, 3).astype(np.float64)).reshape(
-            *self.shape, 3
+            i1 - i0, *self.shape[1:], 3
         )
 
     def same_as(self, other: ImageGrid, atol: float = 1e-4) -> bool:
@@ -196,7 +183,11 @@ class DisplacementField(Transform):
         upper = np.asarray(self.grid.shape, dtype=np.float64) - 0.5
         inside = np.all((idx >= -0.5) & (idx < upper), axis=1)
         disp = np.zeros_like(pts)
-        if inside.any():
+        if inside.any():  # torch only here: reading and writing transforms needs none
+            import torch
+
+            from ..ops.sampling import sample_linear
+
             vals = sample_linear(
                 torch.from_numpy(self.field),
                 torch.from_numpy(idx[inside]),
@@ -264,6 +255,10 @@ class Chain(Transform):
 def dense_field(transform: Transform, grid: ImageGrid) -> DisplacementField:
     """Sample ``transform`` at the voxel centres of ``grid`` as a displacement field."""
     grid = ImageGrid.make(grid.shape, grid.affine)
-    pts = grid.world_points().reshape(-1, 3)
-    disp = transform.map(pts) - pts
-    return DisplacementField(grid, disp.reshape(*grid.shape, 3))
+    disp = np.empty((*grid.shape, 3), np.float32)
+    step = max(1, (1 << 20) // max(1, grid.shape[1] * grid.shape[2]))
+    for i0 in range(0, grid.shape[0], step):  # slab by slab: memory bounded by a slab
+        i1 = min(grid.shape[0], i0 + step)
+        pts = grid.world_points((i0, i1)).reshape(-1, 3)
+        disp[i0:i1] = (transform.map(pts) - pts).reshape(i1 - i0, *grid.shape[1:], 3)
+    return DisplacementField(grid, disp)

@@ -8,6 +8,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..interfaces.utility import ApplyMask
+from ..vocabulary import AFFINE_MODES, check
 from .registration import registration_node
 
 
@@ -72,8 +73,7 @@ def init_coregister_wf(
     >>> init_coregister_wf(mode="affine").get_node("coreg").inputs.mode
     'affine'
     """
-    if mode not in ("rigid", "affine"):
-        raise ValueError(f"coregistration is rigid or affine, got {mode!r}")
+    check("coregistration mode", mode, AFFINE_MODES)
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
         fields=["moving_image", "fixed_image", "fixed_mask", "init_transform"]),

@@ -8,15 +8,14 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..interfaces.registration import SynthMorphRegister, estimate_mem_gb
-
-MODES = ("joint", "deform", "affine", "rigid")
+from ..vocabulary import DEFORM_MODES, DETECTOR_MODES, MODES, check
 
 
 def registration_node(mode: str, *, name: str, use_gpu: bool = False, omp_nthreads: int = 1,
                       extent: int = 256, regularization: float = 0.5,
                       weights: Sequence[str] | None = None, **inputs) -> pe.Node:
     """A :class:`SynthMorphRegister` node with its threads, GPU flag and memory set."""
-    if mode in ("joint", "deform"):  # lambda only enters (and hashes) deformable nodes
+    if mode in DEFORM_MODES:  # lambda only enters (and hashes) deformable nodes
         inputs["regularization"] = regularization
     official = any(str(w).endswith(".h5") for w in weights or ())  # FreeSurfer's Keras files
     node = pe.Node(
@@ -121,8 +120,7 @@ def init_synthmorph_wf(
     >>> wf.get_node("deform_reg").n_procs
     2
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    check("mode", mode, MODES)
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
         fields=["moving_image", "fixed_image", "moving_mask", "fixed_mask",
@@ -137,7 +135,7 @@ def init_synthmorph_wf(
               ("moving_mask", "moving_mask"), ("fixed_mask", "fixed_mask")]
 
     last = None
-    if mode in ("joint", "affine", "rigid"):
+    if mode in DETECTOR_MODES:
         affine_reg = registration_node("rigid" if mode == "rigid" else "affine",
                                        name="affine_reg", write_moved=mode != "joint",
                                        **common)
@@ -146,7 +144,7 @@ def init_synthmorph_wf(
         workflow.connect([(inputnode, affine_reg,
                            [*images, ("init_transform", "init_transform")])])
         last = affine_reg
-    if mode in ("joint", "deform"):
+    if mode in DEFORM_MODES:
         deform_reg = registration_node("deform", name="deform_reg", **common)
         if refine is not None:
             deform_reg.inputs.refine = refine
