@@ -671,3 +671,32 @@ def test_whole_grid_work_slab_by_slab_equals_at_once(tmp_path, monkeypatch):
     for a, b in zip(whole, everything(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
     assert np.abs(whole[0]).max() > 1 and np.abs(whole[3]).max() > 0.1
+
+
+def test_resampling_memory_does_not_grow_with_the_output_grid(monkeypatch):
+    """Peak memory of resampling (numpy's, traced) beyond the output image itself does not
+    grow with the output grid: points are mapped slab by slab, never as a whole-grid array
+    of float64 coordinates (which alone takes six times the output)."""
+    import tracemalloc
+
+    from synthmorph_nipype.engine import resample as resample_module
+
+    img = nib.Nifti1Image(np.random.default_rng(1).random((48, 48, 48), np.float32),
+                          np.diag([4.0, 4.0, 4.0, 1.0]))
+    field = DisplacementField(ImageGrid.make((48, 48, 48), img.affine),
+                              np.full((48, 48, 48, 3), 0.3))
+    chain = Chain([Affine(known_affine(rot=(2, 0, 1))), field])
+    monkeypatch.setattr(resample_module, "SLAB", 1 << 14)
+
+    def extra(n: int) -> float:
+        """Traced peak beyond the output, in MB, for an output grid of n^3."""
+        grid = ImageGrid.make((n,) * 3, np.diag([192 / n] * 3 + [1.0]))
+        tracemalloc.start()
+        out = resample(img, chain, grid)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert np.asarray(out.dataobj).std() > 0
+        return (peak - n**3 * 4) / 1e6
+
+    small, large = extra(64), extra(128)  # 1 MB and 8 MB outputs
+    assert large < 1.5 * small + 1.0, f"{small:.1f} MB beyond a 64^3 output, {large:.1f} at 128^3"

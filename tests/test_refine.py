@@ -28,8 +28,9 @@ def smooth(shape, seed, passes=2):
     return x[0, 0]
 
 
-@pytest.mark.parametrize("similarity,lam", [("ncc", 0.3), ("mse", 0.05), ("mind", 0.3)])
-def test_refinement_recovers_a_smooth_warp(similarity, lam):
+@pytest.mark.parametrize("similarity,lam,warp_features", [
+    ("ncc", 0.3, False), ("mse", 0.05, False), ("mind", 0.3, False), ("mind", 0.3, True)])
+def test_refinement_recovers_a_smooth_warp(similarity, lam, warp_features):
     n = 24
     fixed = smooth((n, n, n), 0)
     fixed = (fixed - fixed.min()) / (fixed.max() - fixed.min())
@@ -40,7 +41,8 @@ def test_refinement_recovers_a_smooth_warp(similarity, lam):
     # moving sampled at grid - true: pulled back at grid + true, it is fixed again
     moving = sample_linear(fixed, voxel_grid((n, n, n)) - true)
     svf, history = refine_svf(torch.zeros(n, n, n, 3), moving, fixed, iterations=60,
-                              lam=lam, similarity=similarity, lr=0.1)
+                              lam=lam, similarity=similarity, lr=0.1,
+                              warp_features=warp_features)
     assert history[-1] < history[0]
     inner = (slice(4, -4),) * 3
     before = float(true[inner].norm(dim=-1).mean())

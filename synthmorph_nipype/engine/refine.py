@@ -24,7 +24,7 @@ from ..ops.integrate import integrate_svf
 from ..ops.linalg import rotation_exp
 from ..ops.regularity import grad_l2, weighted_grad_l2
 from ..ops.sampling import sample_linear
-from ..ops.similarity import IMAGE_SIMILARITIES, fixed_similarity
+from ..ops.similarity import IMAGE_SIMILARITIES, feature_loss, features, fixed_similarity
 
 
 def _weights(mask_here: torch.Tensor | None, moved_mask: torch.Tensor | None
@@ -45,8 +45,8 @@ def _pooled(x: torch.Tensor | None, pool: int) -> torch.Tensor | None:
 def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, *,
                iterations: int, lam: float = 0.5, similarity: str = "ncc", steps: int = 7,
                lr: float = 0.05, pool: int = 1, weight: torch.Tensor | None = None,
-               mask_1: torch.Tensor | None = None, mask_2: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, list[float]]:
+               mask_1: torch.Tensor | None = None, mask_2: torch.Tensor | None = None,
+               warp_features: bool = False) -> tuple[torch.Tensor, list[float]]:
     """Refine a channels-last SVF ``(X, Y, Z, 3)`` (voxels) between two images ``(X, Y, Z)``
     on the same grid; returns the refined SVF and the loss before each step.
 
@@ -60,7 +60,8 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
     optimisation runs on a grid that many times coarser (images average-pooled, a step
     costs ``pool**3`` times less) and adds its correction, upsampled, to the fine SVF.
     ``mask_1``, ``mask_2`` (``(X, Y, Z)``, optional) restrict the similarity (module
-    docstring).
+    docstring). ``warp_features`` (MIND): the descriptors of both images are computed once
+    and warped with the field, instead of recomputed from each warped image.
     """
     if similarity not in IMAGE_SIMILARITIES:
         raise ValueError(f"unknown similarity {similarity!r}, choose from "
@@ -74,16 +75,15 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
                                       similarity=similarity, steps=steps, lr=lr,
                                       weight=_pooled(weight, pool),
                                       mask_1=_pooled(mask_1, pool),
-                                      mask_2=_pooled(mask_2, pool))
+                                      mask_2=_pooled(mask_2, pool),
+                                      warp_features=warp_features)
         change = (refined - start).permute(3, 0, 1, 2)[None]
         # pooled voxel k sits at fine voxel pool * k + (pool - 1) / 2: align_corners=False
         fine = F.interpolate(change, size=svf.shape[:3], mode="trilinear",
                              align_corners=False)
         return svf + pool * fine[0].permute(1, 2, 3, 0), history
     grid = voxel_grid(image_1.shape, dtype=svf.dtype, device=svf.device)
-    # what depends on the still images alone (MIND descriptors) is computed once
-    to_2 = fixed_similarity(similarity, image_2[None, None].float())
-    to_1 = fixed_similarity(similarity, image_1[None, None].float())
+    compare = _symmetric_similarity(similarity, image_1, image_2, warp_features)
     w = None if weight is None else weight[None, None].to(svf)
     velocity = svf.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([velocity], lr=lr)
@@ -91,11 +91,9 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
     with torch.enable_grad():
         for _ in range(iterations):
             d1, d2 = integrate_svf(velocity, steps), integrate_svf(-velocity, steps)
-            moved_1 = sample_linear(image_1, grid + d1)[None, None]
-            moved_2 = sample_linear(image_2, grid + d2)[None, None]
             w_2 = _weights(_batch(mask_2), _moved(mask_1, grid + d1))  # on image 2's grid
             w_1 = _weights(_batch(mask_1), _moved(mask_2, grid + d2))
-            similarity_term = 0.5 * (to_2(moved_1, w_2) + to_1(moved_2, w_1))
+            similarity_term = compare(grid + d1, grid + d2, w_2, w_1)
             u1, u2 = d1.permute(3, 0, 1, 2)[None], d2.permute(3, 0, 1, 2)[None]
             if weight is None:
                 smooth = 0.5 * (grad_l2(u1) + grad_l2(u2))
@@ -107,6 +105,34 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
             loss.backward()
             opt.step()
     return velocity.detach(), history
+
+
+def _symmetric_similarity(name: str, image_1: torch.Tensor, image_2: torch.Tensor,
+                          warp_features: bool):
+    """``compare(points_1, points_2, w_2, w_1)``: the mean of the similarity of image 1
+    sampled at ``points_1`` (on image 2's grid) to image 2 and of image 2 at ``points_2``
+    to image 1. What depends on the still images alone is computed once: with
+    ``warp_features`` and a similarity that has :func:`~..ops.similarity.features` (MIND),
+    the descriptors of both images, which are then sampled instead of the images (no
+    descriptor is recomputed per step, as in ConvexAdam); otherwise the fixed side's."""
+    x1, x2 = image_1[None, None].float(), image_2[None, None].float()
+    f1 = features(name, x1) if warp_features else None
+    if f1 is not None:
+        f2 = features(name, x2)
+        last_1, last_2 = f1[0].permute(1, 2, 3, 0), f2[0].permute(1, 2, 3, 0)
+
+        def compare(points_1, points_2, w_2, w_1):
+            moved_1 = sample_linear(last_1, points_1).permute(3, 0, 1, 2)[None]
+            moved_2 = sample_linear(last_2, points_2).permute(3, 0, 1, 2)[None]
+            return 0.5 * (feature_loss(moved_1, f2, w_2) + feature_loss(moved_2, f1, w_1))
+        return compare
+    to_2, to_1 = fixed_similarity(name, x2), fixed_similarity(name, x1)
+
+    def compare(points_1, points_2, w_2, w_1):
+        moved_1 = sample_linear(image_1, points_1)[None, None]
+        moved_2 = sample_linear(image_2, points_2)[None, None]
+        return 0.5 * (to_2(moved_1, w_2) + to_1(moved_2, w_1))
+    return compare
 
 
 def _batch(mask: torch.Tensor | None) -> torch.Tensor | None:

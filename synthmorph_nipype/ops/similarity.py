@@ -136,6 +136,30 @@ IMAGE_SIMILARITIES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tenso
 }
 
 
+def features(name: str, x: torch.Tensor) -> torch.Tensor | None:
+    """What similarity ``name`` compares of ``(B, 1, ...)`` images when it can be computed
+    once and warped with a field instead of recomputed from each warped image: MIND's
+    descriptors ``(B, 6, ...)``; None for the similarities that need the warped intensities
+    themselves (local statistics of NCC, MSE).
+
+    >>> features("mind", torch.rand(1, 1, 6, 6, 6)).shape, features("ncc", torch.rand(1, 1))
+    (torch.Size([1, 6, 6, 6, 6]), None)
+    """
+    return mind(x) if name == "mind" else None
+
+
+def feature_loss(moved: torch.Tensor, fixed: torch.Tensor,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean absolute difference of :func:`features` (warped ones against fixed ones),
+    weighted as the similarities are; MIND's loss when both are MIND descriptors.
+
+    >>> x, y = torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 8)
+    >>> bool(torch.isclose(feature_loss(mind(x), mind(y)), mind_loss(x, y)))
+    True
+    """
+    return _mean((moved - fixed).abs(), weight)
+
+
 def fixed_similarity(name: str, fixed: torch.Tensor) -> Callable[..., torch.Tensor]:
     """The loss ``IMAGE_SIMILARITIES[name](moved, fixed, weight=weight)`` as a function of
     ``moved`` (and an optional ``weight``) alone, with what depends on ``fixed`` only (its
