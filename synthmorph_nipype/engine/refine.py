@@ -112,9 +112,10 @@ def _symmetric_similarity(name: str, image_1: torch.Tensor, image_2: torch.Tenso
     """``compare(points_1, points_2, w_2, w_1)``: the mean of the similarity of image 1
     sampled at ``points_1`` (on image 2's grid) to image 2 and of image 2 at ``points_2``
     to image 1. What depends on the still images alone is computed once: with
-    ``warp_features`` and a similarity that has :func:`~..ops.similarity.features` (MIND),
-    the descriptors of both images, which are then sampled instead of the images (no
-    descriptor is recomputed per step, as in ConvexAdam); otherwise the fixed side's."""
+    ``warp_features`` and a similarity that has
+    :func:`~synthmorph_nipype.ops.similarity.features` (MIND), the descriptors of both
+    images, which are then sampled instead of the images (no descriptor is recomputed
+    per step, as in ConvexAdam); otherwise the fixed side's."""
     x1, x2 = image_1[None, None].float(), image_2[None, None].float()
     f1 = features(name, x1) if warp_features else None
     if f1 is not None:

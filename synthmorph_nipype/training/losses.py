@@ -1,4 +1,5 @@
-"""Training objectives: label overlap and field smoothness.
+"""Training objectives: label overlap (field smoothness is in
+:mod:`synthmorph_nipype.ops.regularity`).
 
 All functions work on batched, channels-first tensors and return a scalar (the batch
 mean), so new objectives can be combined as weighted sums.
@@ -9,9 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops.regularity import grad_l2
-
-__all__ = ["grad_l2", "hyper_loss", "label_mse", "one_hot", "soft_dice"]
+__all__ = ["hyper_loss", "label_mse", "one_hot", "soft_dice"]
 
 
 def one_hot(labels: torch.Tensor, num_labels: int) -> torch.Tensor:

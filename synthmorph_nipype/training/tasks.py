@@ -25,10 +25,10 @@ from ..models.layers import HyperConv3d
 from ..ops.grid import apply_affine, centred_to_index, voxel_grid
 from ..ops.integrate import integrate_svf
 from ..ops.jacobian import folding_percent
-from ..ops.regularity import beta_prior, weighted_grad_l2
+from ..ops.regularity import beta_prior, grad_l2, weighted_grad_l2
 from ..ops.sampling import sample_linear
 from ..ops.similarity import IMAGE_SIMILARITIES
-from .losses import grad_l2, label_mse, soft_dice
+from .losses import label_mse, soft_dice
 
 
 @dataclass
