@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from synthmorph_nipype.ops.regularity import grad_l2
 from synthmorph_nipype.training.losses import (
-    grad_l2,
     hyper_loss,
     label_mse,
     one_hot,

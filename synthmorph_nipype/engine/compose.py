@@ -36,13 +36,8 @@ def residual_field(total: np.ndarray, dst_affine: np.ndarray, affine: np.ndarray
                    dst_shape) -> np.ndarray:
     """Displacement ``w`` with ``affine(x + w(x)) = x + total(x)`` on the dst grid: the
     deformable part left after taking out the affine one (ITK composite layout).
-    Overwrites and returns ``total`` (float32), slab by slab."""
-    inverse = np.linalg.inv(affine)
-    for i0, i1 in slabs(dst_shape, SLAB):
-        pts = affine_points(dst_affine, dst_shape, dtype=torch.float64, rows=(i0, i1))
-        target = pts + torch.from_numpy(total[i0:i1]).double()
-        total[i0:i1] = (apply_affine(inverse, target) - pts).float().numpy()
-    return total
+    Overwrites and returns ``total`` (float32): :func:`push_field` through the inverse."""
+    return push_field(total, dst_affine, np.linalg.inv(affine), dst_shape)
 
 
 def push_field(total: np.ndarray, src_affine: np.ndarray, affine: np.ndarray,
