@@ -24,7 +24,7 @@ from ..ops.integrate import integrate_svf
 from ..ops.linalg import rotation_exp
 from ..ops.regularity import grad_l2, weighted_grad_l2
 from ..ops.sampling import sample_linear
-from ..ops.similarity import IMAGE_SIMILARITIES, feature_loss, features, fixed_similarity
+from ..ops.similarity import IMAGE_SIMILARITIES, feature_loss, features, fixed_similarity, image_mse
 
 
 def _weights(mask_here: torch.Tensor | None, moved_mask: torch.Tensor | None
@@ -173,17 +173,51 @@ def _increment(params: torch.Tensor, shift: torch.Tensor, rigid: bool) -> torch.
     return torch.cat([torch.cat([lin, shift[:, None]], 1), eye[3:]], 0)
 
 
+#: points the affine refinement compares per step and direction, drawn anew each step
+POINTS = 1 << 15
+#: steps between computations of the moved images' features (``refine_matrix``)
+ANCHOR = 10
+
+
+def _sample_at(vol: torch.Tensor, points: torch.Tensor, padding: str = "border"
+               ) -> torch.Tensor:
+    """``vol`` (1, C, X, Y, Z) at ``points`` (K, 3; normalised (i, j, k)) as (1, C, K, 1, 1);
+    outside the grid the edge values (features: those of the background around an
+    image) or, with ``padding="zeros"``, zero (masks)."""
+    grid = points[:, REVERSED].reshape(1, -1, 1, 1, 3)
+    return F.grid_sample(vol, grid, mode="bilinear", padding_mode=padding,
+                         align_corners=True)
+
+
+def _point_features(name: str, x: torch.Tensor) -> torch.Tensor:
+    """What the affine refinement compares point by point: MIND descriptors, or the
+    intensities themselves for MSE (NCC needs windows of the moved image: no points)."""
+    if name == "mind":
+        return features(name, x)
+    if name == "mse":
+        return x
+    raise ValueError(f"the affine refinement compares points: similarity mind or mse, "
+                     f"not {name!r}")
+
+
 def refine_matrix(matrix: np.ndarray, image_1: torch.Tensor, image_2: torch.Tensor, *,
                   iterations: int, similarity: str = "mind", rigid: bool = False,
                   pools: tuple[int, ...] = (4, 2), lr: float = 0.01,
-                  mask_1: torch.Tensor | None = None, mask_2: torch.Tensor | None = None
-                  ) -> tuple[np.ndarray, list[float]]:
+                  mask_1: torch.Tensor | None = None, mask_2: torch.Tensor | None = None,
+                  points: int = POINTS, seed: int = 0) -> tuple[np.ndarray, list[float]]:
     """Refine an affine ``matrix`` (image 2's voxel index -> image 1's voxel index, both
     images ``(X, Y, Z)`` on one grid) by Adam steps on a symmetric image similarity (image
     1 pulled onto image 2 through the matrix plus image 2 onto image 1 through its
     inverse), level by level of ``pools`` (average-pooling factors, coarse to fine):
-    ``iterations`` steps on the coarsest, a quarter as many (and a smaller rate) on each
-    finer one, where a step costs eight times as much.
+    ``iterations`` steps on each, finer levels at a smaller rate.
+
+    Each step compares ``points`` random voxels per direction, drawn inside each grid's
+    mask (as elastix's and ANTs' sampled metrics; ``seed`` makes the draws repeatable),
+    so a step costs the same on every level. What is compared - MIND descriptors
+    (``similarity="mind"``) or intensities (``"mse"``) - is computed from each image
+    moved by the matrix as it stands, and every :data:`ANCHOR` steps again: in between,
+    the steps' small change of the matrix moves the computed features (MIND's neighbour
+    directions stay those of the grid they were computed on).
     ``rigid`` keeps rotations and translations only (on top of the starting matrix);
     ``mask_1``, ``mask_2`` (``(X, Y, Z)``, optional) restrict the similarity (module
     docstring). Returns the refined matrix and the loss before each step.
@@ -191,34 +225,54 @@ def refine_matrix(matrix: np.ndarray, image_1: torch.Tensor, image_2: torch.Tens
     if similarity not in IMAGE_SIMILARITIES:
         raise ValueError(f"unknown similarity {similarity!r}, choose from "
                          f"{', '.join(IMAGE_SIMILARITIES)}")
+    _point_features(similarity, torch.zeros(1, 1, 1, 1, 1))  # mind or mse
     dev, dtype = image_1.device, torch.float32
+    compare = feature_loss if similarity == "mind" else image_mse
+    gen = torch.Generator().manual_seed(seed)
     history: list[float] = []
     current = np.asarray(matrix, float)
-    for level, pool in enumerate(pools):
-        steps = max(1, iterations // 4**level)
+    for pool in pools:
         x1 = F.avg_pool3d(image_1[None, None].float(), pool)
         x2 = F.avg_pool3d(image_2[None, None].float(), pool)
         k1, k2 = (None if m is None else F.avg_pool3d(m[None, None].float(), pool)
                   for m in (mask_1, mask_2))
+        f1, f2 = _point_features(similarity, x1), _point_features(similarity, x2)
         p, c = _pool_matrix(pool), normalised_matrix(x1.shape[2:])
-        # the matrix in centred pooled coordinates; refinement composes an increment after
-        # it (on image 2's side): M' = M D
+        norm = torch.as_tensor(c[:3], dtype=dtype, device=dev)
+        # the points a step compares: voxels inside each grid's own mask (all without)
+        grid = x1.shape[2:]
+        pool_1, pool_2 = (_candidates(k, grid, dev) for k in (k1, k2))
+        # the matrix in normalised pooled coordinates; refinement composes an increment
+        # after it (on image 2's side): M' = M D
         to_c = torch.as_tensor(c @ np.linalg.inv(p), dtype=torch.float64)
         base = to_c @ torch.as_tensor(current) @ torch.linalg.inv(to_c)
         base = base.to(dtype=dtype, device=dev)
-        to_2, to_1 = fixed_similarity(similarity, x2), fixed_similarity(similarity, x1)
         params = torch.zeros(3 if rigid else 9, dtype=dtype, device=dev, requires_grad=True)
         shift = torch.zeros(3, dtype=dtype, device=dev, requires_grad=True)
         rate = lr * pool / pools[0]  # finer levels take smaller steps
         opt = torch.optim.Adam([params, shift], lr=rate)
-
         with torch.enable_grad():
-            for _ in range(steps):
-                m = base @ _increment(params, shift, rigid)
-                inv = torch.linalg.inv(m)
-                w_2 = _weights(k2, None if k1 is None else _pull(k1, m.detach()))
-                w_1 = _weights(k1, None if k2 is None else _pull(k2, inv.detach()))
-                loss = 0.5 * (to_2(_pull(x1, m), w_2) + to_1(_pull(x2, inv), w_1))
+            for step in range(iterations):
+                if step % ANCHOR == 0:
+                    with torch.no_grad():  # features of the images moved as the matrix stands
+                        base = base @ _increment(params, shift, rigid)
+                        params.zero_()
+                        shift.zero_()
+                        back = torch.linalg.inv(base)
+                        g1 = _point_features(similarity, _pull(x1, base))
+                        g2 = _point_features(similarity, _pull(x2, back))
+                        h1 = None if k1 is None else _pull(k1, base)
+                        h2 = None if k2 is None else _pull(k2, back)
+                d = _increment(params, shift, rigid)
+                # image 2 onto image 1 through D^-1 B^-1 = B^-1 (B D^-1 B^-1)
+                e = base @ torch.linalg.inv(d) @ back
+                v2, p2 = _draw(pool_2, points, gen, grid, norm)  # voxels of image 2's grid
+                v1, p1 = _draw(pool_1, points, gen, grid, norm)
+                at_1, at_2 = p2 @ d[:3, :3].T + d[:3, 3], p1 @ e[:3, :3].T + e[:3, 3]
+                w_2 = _point_weights(k2, h1, v2, at_1, base)
+                w_1 = _point_weights(k1, h2, v1, at_2, back)
+                loss = 0.5 * (compare(_sample_at(g1, at_1), _gather(f2, v2), w_2)
+                              + compare(_sample_at(g2, at_2), _gather(f1, v1), w_1))
                 history.append(float(loss.detach()))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -227,3 +281,42 @@ def refine_matrix(matrix: np.ndarray, image_1: torch.Tensor, image_2: torch.Tens
             m = (base @ _increment(params, shift, rigid)).double().cpu()
         current = (torch.linalg.inv(to_c) @ m @ to_c).numpy()
     return current, history
+
+
+def _candidates(mask: torch.Tensor | None, shape, device) -> torch.Tensor:
+    """Flat indices of the voxels a step may compare: inside ``mask``, or all."""
+    if mask is None:
+        return torch.arange(int(np.prod(shape)), device=device)
+    return torch.nonzero(mask.flatten() > 0)[:, 0]
+
+
+def _draw(candidates: torch.Tensor, count: int, gen: torch.Generator, shape,
+          norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` voxels of a grid of ``shape`` drawn from ``candidates`` (flat indices; with
+    replacement, in memory order, which keeps the sampling cache-friendly) and their
+    normalised coordinates (``norm``: the grid's index -> normalised rows)."""
+    pick = torch.randint(len(candidates), (count,), generator=gen).to(candidates.device)
+    flat = candidates[pick].sort().values
+    _, ny, nz = (int(n) for n in shape)
+    ijk = torch.stack([flat // (ny * nz), flat // nz % ny, flat % nz], 1).to(norm.dtype)
+    return flat, ijk @ norm[:, :3].T + norm[:, 3]
+
+
+def _gather(vol: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """``vol`` (1, C, X, Y, Z) at flat voxel indices (K,), as (1, C, K, 1, 1)."""
+    return vol.flatten(2)[:, :, flat][..., None, None]
+
+
+def _point_weights(mask_here: torch.Tensor | None, moved_mask: torch.Tensor | None,
+                   here: torch.Tensor, there: torch.Tensor, to_other: torch.Tensor
+                   ) -> torch.Tensor:
+    """The weights of the compared points (detached): this grid's mask at voxels
+    ``here`` times the other image's moved mask at points ``there`` (:func:`_weights`),
+    and zero where ``to_other @ there`` falls outside the other image's grid (as ANTs
+    and elastix, points without a partner do not count)."""
+    there = there.detach()
+    inside = ((there @ to_other[:3, :3].T + to_other[:3, 3]).abs() <= 1).all(-1)
+    weight = inside.to(there.dtype).reshape(1, 1, -1, 1, 1)
+    masks = _weights(None if mask_here is None else _gather(mask_here, here),
+                     None if moved_mask is None else _sample_at(moved_mask, there, "zeros"))
+    return weight if masks is None else weight * masks

@@ -60,8 +60,12 @@ def _conform_mask(mask, net2ras: np.ndarray, extent: int, device) -> torch.Tenso
     out = conform(data, np.linalg.inv(grid.affine) @ net2ras, extent, device,
                   normalize=False)
     radius = int(round(MASK_DILATION_MM))  # network voxels are 1 mm
-    out = F.max_pool3d((out > 0.5).float()[None, None], 2 * radius + 1, stride=1,
-                       padding=radius)[0, 0]
+    out = (out > 0.5).float()[None, None]
+    for axis in range(3):  # a cube is three 1-D dilations: 3 (2r + 1), not (2r + 1)^3, reads
+        size, pad = [1, 1, 1], [0, 0, 0]
+        size[axis], pad[axis] = 2 * radius + 1, radius
+        out = F.max_pool3d(out, tuple(size), stride=1, padding=tuple(pad))
+    out = out[0, 0]
     if not bool(out.any()):
         raise SynthMorphError(f"{mask.get_filename() or 'mask'}: the mask covers nothing "
                               "inside the network's field of view")
