@@ -251,12 +251,9 @@ def refine_matrix(matrix: np.ndarray, image_1: torch.Tensor, image_2: torch.Tens
         shift = torch.zeros(3, dtype=dtype, device=dev, requires_grad=True)
         rate = lr * pool / pools[0]  # finer levels take smaller steps
         opt = torch.optim.Adam([params, shift], lr=rate)
-        # as often as on the coarsest level per unit of cost: a finer level's features cost
-        # (pools[0] / pool)^3 times more to compute, and its steps move the matrix less
-        anchor = ANCHOR * (pools[0] // pool) ** 3
         with torch.enable_grad():
             for step in range(iterations):
-                if step % anchor == 0:
+                if step % ANCHOR == 0:
                     with torch.no_grad():  # features of the images moved as the matrix stands
                         base = base @ _increment(params, shift, rigid)
                         params.zero_()
