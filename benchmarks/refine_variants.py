@@ -1,0 +1,99 @@
+"""Quick in-process comparison of refinement settings on ``benchmarks/heldout.py`` pairs.
+
+Where ``benchmarks/accuracy.py`` runs every method as its own process and reads the
+results back through SimpleITK, this calls the engine directly (no start-up, no files
+written) so that settings can be compared on the held-out pairs in minutes: the affine
+error (mm, mean over the fixed brain, against the known motion) of the ``motion-*`` pairs
+in affine mode, and the Dice of the 31 brain labels of the ``inter-*`` pairs in joint
+mode. Wall times are those of ``register()`` alone.
+
+    python benchmarks/heldout.py --data ../shared/data --out HELDOUT
+    python benchmarks/refine_variants.py HELDOUT/pairs --mask --refine-affine 60
+    python benchmarks/refine_variants.py HELDOUT/pairs --mask --kind inter --int-steps 4
+
+Choices made with it are confirmed with ``benchmarks/accuracy.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+import torch
+
+from synthmorph_nipype.engine import network
+from synthmorph_nipype.engine.register import register
+from synthmorph_nipype.engine.weights import find_weights, load_models
+from synthmorph_nipype.transforms.base import ImageGrid
+
+
+def affine_error(result, pair: Path) -> float:
+    """Mean distance (mm) over the fixed brain between the estimated and true matrices."""
+    truth = np.loadtxt(pair / "true_fwd_ras.txt")
+    labels = nb.load(pair / "fixed_labels.nii.gz")
+    ijk = np.argwhere(np.asarray(labels.dataobj) > 0)[::7]
+    pts = np.c_[ijk, np.ones(len(ijk))] @ labels.affine.T
+    est = result.forward.transforms[0].matrix
+    return float(np.linalg.norm((pts @ (est - truth).T)[:, :3], axis=1).mean())
+
+
+def label_dice(result, pair: Path) -> float:
+    """Mean Dice of the pair's labels: moving labels pulled onto the fixed grid (nearest)."""
+    labels = json.loads((pair / "pair.json").read_text())["dice_labels"]
+    fixed, moving = nb.load(pair / "fixed_labels.nii.gz"), nb.load(pair / "moving_labels.nii.gz")
+    flab, mlab = np.asarray(fixed.dataobj).astype(int), np.asarray(moving.dataobj).astype(int)
+    pts = result.forward.map(ImageGrid.from_image(fixed).world_points().reshape(-1, 3))
+    vox = np.rint(np.c_[pts, np.ones(len(pts))] @ np.linalg.inv(moving.affine).T)[:, :3]
+    vox = vox.astype(int)
+    inside = np.all((vox >= 0) & (vox < mlab.shape), axis=1)
+    moved = np.zeros(len(vox), int)
+    moved[inside] = mlab[tuple(vox[inside].T)]
+    moved = moved.reshape(flab.shape)
+    scores = [2 * ((moved == v) & (flab == v)).sum() / ((moved == v).sum() + (flab == v).sum())
+              for v in labels if (flab == v).any()]
+    return float(np.mean(scores))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("pairs", type=Path, help="the pairs folder of benchmarks/heldout.py")
+    parser.add_argument("--kind", choices=("motion", "inter"), default="motion")
+    parser.add_argument("--weights", nargs="*", help="weight files (default: embedded)")
+    parser.add_argument("--mask", action="store_true", help="pass the fixed brain mask")
+    parser.add_argument("--refine", type=int)
+    parser.add_argument("--refine-affine", type=int)
+    parser.add_argument("--similarity")
+    parser.add_argument("--int-steps", type=int, help="squaring steps inside the refinement")
+    parser.add_argument("--warp-features", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.int_steps is not None:
+        network.REFINE_INT_STEPS = args.int_steps
+    if args.warp_features:
+        plain = network.refine_svf
+        network.refine_svf = lambda *a, **k: plain(*a, **k, warp_features=True)
+    mode = "affine" if args.kind == "motion" else "joint"
+    models = load_models(mode, find_weights(mode, args.weights))
+    scores = []
+    for pair in sorted(p for p in args.pairs.iterdir() if p.name.startswith(args.kind)):
+        mask = nb.load(pair / "fixed_mask.nii.gz") if args.mask else None
+        start = time.perf_counter()
+        result = register(nb.load(pair / "moving.nii.gz"), nb.load(pair / "fixed.nii.gz"),
+                          models, mode=mode, outputs=("forward",), fixed_mask=mask,
+                          refine_affine=args.refine_affine, similarity=args.similarity,
+                          refine=args.refine if mode == "joint" else None)
+        wall = time.perf_counter() - start
+        score = affine_error(result, pair) if mode == "affine" else label_dice(result, pair)
+        scores.append(score)
+        unit = "mm" if mode == "affine" else "Dice"
+        print(f"{pair.name:26s} {score:7.3f} {unit}  {wall:6.1f} s", flush=True)
+    print(f"mean {np.mean(scores):.3f}")
+
+
+if __name__ == "__main__":
+    main()
