@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import nibabel as nb
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.metrics import dice, pull_labels  # noqa: E402
 
 from synthmorph_nipype.engine import network
 from synthmorph_nipype.engine.register import register
@@ -42,20 +46,15 @@ def affine_error(result, pair: Path) -> float:
 
 
 def label_dice(result, pair: Path) -> float:
-    """Mean Dice of the pair's labels: moving labels pulled onto the fixed grid (nearest)."""
+    """Mean Dice of the pair's labels: moving labels pulled onto the fixed grid (nearest)
+    through the forward transform, as ``benchmarks/accuracy.py`` counts them."""
     labels = json.loads((pair / "pair.json").read_text())["dice_labels"]
     fixed, moving = nb.load(pair / "fixed_labels.nii.gz"), nb.load(pair / "moving_labels.nii.gz")
-    flab, mlab = np.asarray(fixed.dataobj).astype(int), np.asarray(moving.dataobj).astype(int)
-    pts = result.forward.map(ImageGrid.from_image(fixed).world_points().reshape(-1, 3))
-    vox = np.rint(np.c_[pts, np.ones(len(pts))] @ np.linalg.inv(moving.affine).T)[:, :3]
-    vox = vox.astype(int)
-    inside = np.all((vox >= 0) & (vox < mlab.shape), axis=1)
-    moved = np.zeros(len(vox), int)
-    moved[inside] = mlab[tuple(vox[inside].T)]
-    moved = moved.reshape(flab.shape)
-    scores = [2 * ((moved == v) & (flab == v)).sum() / ((moved == v).sum() + (flab == v).sum())
-              for v in labels if (flab == v).any()]
-    return float(np.mean(scores))
+    world = ImageGrid.from_image(fixed).world_points()
+    disp = (result.forward.map(world.reshape(-1, 3)).reshape(world.shape) - world)
+    moved = pull_labels(np.asarray(moving.dataobj), moving.affine, disp.astype(np.float32),
+                        fixed.affine)
+    return dice(moved, np.asarray(fixed.dataobj), labels)["mean"]
 
 
 def main(argv=None) -> None:

@@ -11,9 +11,9 @@ gone but whose weights still ship in part, e.g. a U-Net bundled with a newer det
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -153,10 +153,9 @@ def main(runs: list[str], previous: Path | None = None) -> None:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    prev = None
-    if "--previous" in args:
-        i = args.index("--previous")
-        prev = Path(args[i + 1])
-        del args[i:i + 2]
-    main(args, prev)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", metavar="RUN[:MODEL]")
+    parser.add_argument("--previous", type=Path, metavar="CARD",
+                        help="append the run sections of this earlier card")
+    args = parser.parse_args()
+    main(args.runs, args.previous)

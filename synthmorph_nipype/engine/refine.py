@@ -189,15 +189,14 @@ def _sample_at(vol: torch.Tensor, points: torch.Tensor, padding: str = "border"
                          align_corners=True)
 
 
+#: what the affine refinement compares voxel by voxel, and how (NCC needs windows of the
+#: moved image: no single points)
+POINT_SIMILARITIES = {"mind": feature_loss, "mse": image_mse}
+
+
 def _point_features(name: str, x: torch.Tensor) -> torch.Tensor:
-    """What the affine refinement compares point by point: MIND descriptors, or the
-    intensities themselves for MSE (NCC needs windows of the moved image: no points)."""
-    if name == "mind":
-        return features(name, x)
-    if name == "mse":
-        return x
-    raise ValueError(f"the affine refinement compares points: similarity mind or mse, "
-                     f"not {name!r}")
+    """MIND descriptors of ``x`` (``name="mind"``), or the intensities themselves (MSE)."""
+    return features(name, x) if name == "mind" else x
 
 
 def refine_matrix(matrix: np.ndarray, image_1: torch.Tensor, image_2: torch.Tensor, *,
@@ -222,12 +221,11 @@ def refine_matrix(matrix: np.ndarray, image_1: torch.Tensor, image_2: torch.Tens
     ``mask_1``, ``mask_2`` (``(X, Y, Z)``, optional) restrict the similarity (module
     docstring). Returns the refined matrix and the loss before each step.
     """
-    if similarity not in IMAGE_SIMILARITIES:
-        raise ValueError(f"unknown similarity {similarity!r}, choose from "
-                         f"{', '.join(IMAGE_SIMILARITIES)}")
-    _point_features(similarity, torch.zeros(1, 1, 1, 1, 1))  # mind or mse
+    if similarity not in POINT_SIMILARITIES:
+        raise ValueError(f"the affine refinement compares points: similarity mind or mse, "
+                         f"not {similarity!r}")
     dev, dtype = image_1.device, torch.float32
-    compare = feature_loss if similarity == "mind" else image_mse
+    compare = POINT_SIMILARITIES[similarity]
     gen = torch.Generator().manual_seed(seed)
     history: list[float] = []
     current = np.asarray(matrix, float)
