@@ -68,14 +68,39 @@ def main(argv=None) -> None:
     parser.add_argument("--similarity")
     parser.add_argument("--int-steps", type=int, help="squaring steps inside the refinement")
     parser.add_argument("--warp-features", action="store_true")
+    parser.add_argument("--refine-lr", type=float, help="Adam rate of the deformable refinement")
+    parser.add_argument("--approx-gradient", action="store_true",
+                        help="no backward pass through the integration (exact_gradient=False)")
+    parser.add_argument("--points", type=int, help="points per step of the affine refinement")
+    parser.add_argument("--affine-pools", type=int, nargs="+",
+                        help="pooling of the affine refinement's levels (default 4 2)")
+    parser.add_argument("--affine-iterations", type=int, nargs="+",
+                        help="steps of each level of the affine refinement")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.int_steps is not None:
         network.REFINE_INT_STEPS = args.int_steps
+    extra = {}
     if args.warp_features:
+        extra["warp_features"] = True
+    if args.approx_gradient:
+        extra["exact_gradient"] = False
+    if args.refine_lr is not None:
+        extra["lr"] = args.refine_lr
+    if extra:
         plain = network.refine_svf
-        network.refine_svf = lambda *a, **k: plain(*a, **k, warp_features=True)
+        network.refine_svf = lambda *a, **k: plain(*a, **{**k, **extra})
+    matrix_extra = {}
+    if args.points is not None:
+        matrix_extra["points"] = args.points
+    if args.affine_pools is not None:
+        matrix_extra["pools"] = tuple(args.affine_pools)
+    if args.affine_iterations is not None:
+        matrix_extra["iterations"] = tuple(args.affine_iterations)
+    if matrix_extra:
+        plain_matrix = network.refine_matrix
+        network.refine_matrix = lambda *a, **k: plain_matrix(*a, **{**k, **matrix_extra})
     mode = "affine" if args.kind == "motion" else "joint"
     models = load_models(mode, find_weights(mode, args.weights))
     scores = []

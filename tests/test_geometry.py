@@ -700,3 +700,32 @@ def test_resampling_memory_does_not_grow_with_the_output_grid(monkeypatch):
 
     small, large = extra(64), extra(128)  # 1 MB and 8 MB outputs
     assert large < 1.5 * small + 1.0, f"{small:.1f} MB beyond a 64^3 output, {large:.1f} at 128^3"
+
+
+def test_half_resolution_field_equals_interpolating_its_full_grid():
+    """The engine never builds the full-resolution network field: interpolating the
+    half-resolution total map at a point (``HalfResField``) gives what linear interpolation
+    of the full grid gives, also off the grid (clamped) and beyond the half-voxel edge."""
+    from synthmorph_nipype.engine import compose
+    from synthmorph_nipype.engine.network import HalfResField
+    from synthmorph_nipype.ops.sampling import sample_linear
+
+    rng = np.random.default_rng(7)
+    half = torch.from_numpy(rng.normal(0, 2, (6, 6, 6, 3)).astype(np.float32))
+    field = HalfResField(half, 12)
+    full = field.full()
+    assert full.shape == (12, 12, 12, 3)
+    # on the lattice: u(x) = half(x / 2) - x / 2 (the last index clamps to half's edge)
+    np.testing.assert_allclose(full[4, 6, 2], half[2, 3, 1] - torch.tensor([2.0, 3.0, 1.0]),
+                               atol=1e-6)
+    np.testing.assert_allclose(full[11, 0, 0], half[5, 0, 0] - torch.tensor([5.5, 0, 0]),
+                               atol=1e-6)
+    points = torch.from_numpy(rng.uniform(-2, 13, (500, 3)).astype(np.float32))
+    np.testing.assert_allclose(field(points), sample_linear(full, points, boundary="clamp"),
+                               atol=2e-5)
+    # the world field is the same from either form
+    shape, aff = (7, 8, 9), np.diag([1.5, 1.4, 1.3, 1.0])
+    to_net, to_ras = np.diag([1.6, 1.5, 1.4, 1.0]), np.diag([1.1, 0.9, 1.0, 1.0])
+    np.testing.assert_allclose(compose.world_field(field, to_ras, to_net, aff, shape),
+                               compose.world_field(full, to_ras, to_net, aff, shape),
+                               atol=5e-5)

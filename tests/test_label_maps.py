@@ -302,3 +302,29 @@ def test_train_command_on_label_maps_continues_from_weights(label_dir, tmp_path,
                  "--label-maps", str(tmp_path / "missing")])
     assert code != 0
     assert "missing: not found" in capsys.readouterr().err
+
+
+def test_validation_reports_the_brains_apart_from_the_shapes(label_dir, tmp_path):
+    """With random shapes in the mix, validation gives the brain pairs' own means next to
+    the overall ones, and the log gains those columns (a resumed run rewrites the CSV
+    header under the union of the columns)."""
+    cfg = TrainConfig(model="joint", widths=TINY_UNET, grid=32, voxel_mm=4.0, val_pairs=8,
+                      shapes_prob=0.5, label_maps=[str(label_dir)], threads=1, amp=False,
+                      seed=3)
+    trainer = Trainer(cfg, tmp_path / "run", log=None)
+    pairs = trainer.validation_pairs()
+    sources = {p.source for p in pairs}
+    assert "shapes" in sources and sources - {"shapes"}
+    rows = [trainer.task.evaluate(p) for p in pairs]
+    brain = [r["dice_before"] for r, p in zip(rows, pairs, strict=True) if p.source != "shapes"]
+    metrics = trainer.validate()
+    assert metrics["dice_before_brain"] == pytest.approx(sum(brain) / len(brain))
+    assert metrics["dice_before"] == pytest.approx(sum(r["dice_before"] for r in rows) / 8)
+    assert metrics["dice_before_brain"] != pytest.approx(metrics["dice_before"])
+    # a log written before the brain columns existed gains them, earlier rows blank
+    from synthmorph_nipype.training.trainer import _append
+
+    log = tmp_path / "val.csv"
+    _append(log, {"step": 500, "dice": 0.5})
+    _append(log, {"step": 1000, "dice": 0.6, "dice_brain": 0.4})
+    assert log.read_text().splitlines() == ["step,dice,dice_brain", "500,0.5,", "1000,0.6,0.4"]

@@ -28,9 +28,10 @@ def smooth(shape, seed, passes=2):
     return x[0, 0]
 
 
-@pytest.mark.parametrize("similarity,lam,warp_features", [
-    ("ncc", 0.3, False), ("mse", 0.05, False), ("mind", 0.3, False), ("mind", 0.3, True)])
-def test_refinement_recovers_a_smooth_warp(similarity, lam, warp_features):
+@pytest.mark.parametrize("similarity,lam,warp_features,exact", [
+    ("ncc", 0.3, False, True), ("mse", 0.05, False, True), ("mind", 0.3, False, True),
+    ("mind", 0.3, True, True), ("mind", 0.3, False, False), ("ncc", 0.3, False, False)])
+def test_refinement_recovers_a_smooth_warp(similarity, lam, warp_features, exact):
     n = 24
     fixed = smooth((n, n, n), 0)
     fixed = (fixed - fixed.min()) / (fixed.max() - fixed.min())
@@ -42,7 +43,7 @@ def test_refinement_recovers_a_smooth_warp(similarity, lam, warp_features):
     moving = sample_linear(fixed, voxel_grid((n, n, n)) - true)
     svf, history = refine_svf(torch.zeros(n, n, n, 3), moving, fixed, iterations=60,
                               lam=lam, similarity=similarity, lr=0.1,
-                              warp_features=warp_features)
+                              warp_features=warp_features, exact_gradient=exact)
     assert history[-1] < history[0]
     inner = (slice(4, -4),) * 3
     before = float(true[inner].norm(dim=-1).mean())
@@ -204,6 +205,12 @@ def test_matrix_refinement_draws_repeatable_points():
     few, _ = refine_matrix(start, image_1, image_2, iterations=40, pools=(2, 1), points=2048)
     assert max(error(runs[0]), error(runs[1]), error(few)) < 0.35 * error(start), (
         error(start), error(runs[0]), error(runs[1]), error(few))
+    # one step count per level: the history has their sum; a count per level is required
+    split, history = refine_matrix(start, image_1, image_2, iterations=(50, 20),
+                                   pools=(2, 1))
+    assert len(history) == 70 and error(split) < 0.35 * error(start)
+    with pytest.raises(ValueError, match="2 iteration counts for 3 levels"):
+        refine_matrix(start, image_1, image_2, iterations=(5, 5), pools=(4, 2, 1))
 
 
 def test_matrix_refinement_needs_a_pointwise_similarity():

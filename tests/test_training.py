@@ -143,6 +143,29 @@ def test_same_contrast_pairs_and_the_curriculum():
     assert start.warp_std_mm == end.warp_std_mm  # geometry is not ramped
 
 
+def test_same_contrast_survives_a_label_missing_from_one_image():
+    """Intensities are drawn per label value: a map that lost a label (a head stripped
+    from one image of a pair) gives the other labels the intensities they have in the
+    full map under the same generator state."""
+    from synthmorph_nipype.synthesis.generator import labels_to_image
+
+    full = torch.zeros(1, 12, 12, 12, dtype=torch.long)
+    full[:, 2:6], full[:, 6:9], full[:, 9:] = 1, 2, 3
+    stripped = torch.where(full == 2, 0, full)
+    cfg = SynthConfig.identity(voxel_size=2.0, zero_background_prob=0.0)
+    a = labels_to_image(full, cfg, torch.Generator().manual_seed(4), 4)[0, 0]
+    b = labels_to_image(stripped, cfg, torch.Generator().manual_seed(4), 4)[0, 0]
+    # the same values up to the min-max scaling (label 2 may have set the range)
+    kept = [float(a[full[0] == v].mean()) for v in (0, 1, 3)]
+    got = [float(b[full[0] == v].mean()) for v in (0, 1, 3)]
+    fit = np.polyfit(kept, got, 1)
+    assert np.abs(np.polyval(fit, kept) - got).max() < 1e-4, (kept, got)
+    assert abs(fit[0]) > 0.5
+    assert torch.allclose(b[full[0] == 2], b[full[0] == 0][0])  # label 2 is background now
+    with pytest.raises(ValueError, match="num_values"):
+        labels_to_image(full, cfg, torch.Generator(), 3)
+
+
 # ------------------------------------------------------------------------------ objectives
 
 def _fixed_pair(grid=32, seed=0, **synth):
@@ -355,7 +378,7 @@ def test_training_fields_are_the_engines_half_resolution_fields():
     assert torch.allclose(out.stages["half_def_1"], d1, atol=1e-4)
     assert torch.allclose(out.stages["half_def_2"], d2, atol=1e-4)
     # the full-resolution map the engine writes at x is twice the field at x / 2
-    full = torch.as_tensor(out.out_1)[10, 12, 14]
+    full = out.out_1.full()[10, 12, 14]
     assert torch.allclose(full, 2 * d1[5, 6, 7], atol=1e-3)
 
 

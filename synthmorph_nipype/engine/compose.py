@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import numpy as np
 import torch
 
@@ -16,16 +19,22 @@ def world_matrix(out: np.ndarray, net_to_src_ras: np.ndarray, dst_ras_to_net: np
     return net_to_src_ras @ out @ dst_ras_to_net
 
 
-def world_field(out: torch.Tensor, net_to_src_ras: np.ndarray, dst_to_net: np.ndarray,
-                dst_affine: np.ndarray, dst_shape) -> np.ndarray:
+def world_field(out: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+                net_to_src_ras: np.ndarray, dst_to_net: np.ndarray, dst_affine: np.ndarray,
+                dst_shape, device: torch.device | str = "cpu") -> np.ndarray:
     """RAS displacement on the dst grid: ``src_ras(p + u(p)) - dst_ras(x)``, ``p`` the
-    network point of dst voxel ``x`` and ``u`` interpolated on clamped coordinates
-    (computed slab by slab: memory beyond the result does not grow with the grid)."""
-    dev = out.device
+    network point of dst voxel ``x`` and ``u`` an ``(e, e, e, 3)`` field interpolated on
+    clamped coordinates, or a function of the points (as
+    :class:`~synthmorph_nipype.engine.network.HalfResField`), on ``device``. Computed
+    slab by slab: memory beyond the result does not grow with the grid."""
+    if isinstance(out, torch.Tensor):
+        dev, field = out.device, partial(sample_linear, out, boundary="clamp")
+    else:
+        dev, field = torch.device(device), out
     total = np.empty((*dst_shape, 3), np.float32)
     for rows in slabs(dst_shape, SLAB):
         p = affine_points(dst_to_net, dst_shape, device=dev, rows=rows)
-        q = p + sample_linear(out, p, boundary="clamp")
+        q = p + field(p)
         disp = apply_affine(net_to_src_ras, q)
         disp -= affine_points(dst_affine, dst_shape, device=dev, rows=rows)
         total[rows[0]:rows[1]] = disp.cpu().numpy()

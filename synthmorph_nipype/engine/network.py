@@ -2,8 +2,8 @@
 
 All outputs are pull-back maps in network voxel indices: ``out_1`` takes a fixed-network
 point to the moving-network point (what the moving image is sampled with), ``out_2`` the
-reverse. Matrix modes give 4x4 matrices; deformable modes give ``(e, e, e, 3)``
-displacements ``u`` with target ``x + u(x)``.
+reverse. Matrix modes give 4x4 matrices; deformable modes give displacements ``u`` with
+target ``x + u(x)`` (:class:`HalfResField`: callable at points, ``full()`` on the grid).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ REFINE_INT_STEPS = 4
 
 @dataclass
 class NetworkOutput:
-    out_1: np.ndarray | torch.Tensor
-    out_2: np.ndarray | torch.Tensor
+    out_1: np.ndarray | HalfResField
+    out_2: np.ndarray | HalfResField
     affine_1: np.ndarray  # the affine part of out_1 in full-resolution network indices
     stages: dict = field(default_factory=dict)  # intermediate arrays, for inspection
     # spatially varying models: the weight map on the mid-space half-resolution grid, and
@@ -102,11 +102,26 @@ def _half_total(disp: torch.Tensor, half_aff: np.ndarray) -> torch.Tensor:
     return target @ m[:, :3].T + m[:, 3] - voxel_grid(shape, device=disp.device)
 
 
-def _full_res(half_tot: torch.Tensor, extent: int) -> torch.Tensor:
-    """``u(x) = (x/2 - x) + half_tot(x/2)``, interpolated on clamped coordinates (so the last
-    index carries the official half-voxel offset)."""
-    x = voxel_grid((extent,) * 3, device=half_tot.device)
-    return sample_linear(half_tot, 0.5 * x, boundary="clamp") - 0.5 * x
+@dataclass(frozen=True)
+class HalfResField:
+    """A full-resolution displacement kept as the half-resolution total map it comes
+    from: at network point ``x``, ``u(x) = half_tot(c / 2) - c / 2`` with ``c`` = ``x``
+    clamped to the grid (half-resolution coordinates clamped too, so the last index
+    carries the official half-voxel offset). Calling it at points interpolates once on
+    the half-resolution grid; :meth:`full` builds the ``(e, e, e, 3)`` array, whose linear
+    interpolation gives the same values (a trilinear function is reproduced exactly by
+    the trilinear interpolation of its values on a finer lattice).
+    """
+
+    half_tot: torch.Tensor
+    extent: int
+
+    def __call__(self, points: torch.Tensor) -> torch.Tensor:
+        c = 0.5 * points.clamp(0, self.extent - 1)
+        return sample_linear(self.half_tot, c, boundary="clamp") - c
+
+    def full(self) -> torch.Tensor:
+        return self(voxel_grid((self.extent,) * 3, device=self.half_tot.device))
 
 
 @torch.no_grad()
@@ -176,5 +191,5 @@ def run_deformable(unet: UNet, inp_1: torch.Tensor, inp_2: torch.Tensor, *, step
                    "def_inp_2": def_2, "svf_1": svf, "half_def_1": disp_1,
                    "half_def_2": disp_2, "half_tot_1": tot_1, "half_tot_2": tot_2}
     del disp_1, disp_2, svf
-    return NetworkOutput(_full_res(tot_1, extent), _full_res(tot_2, extent), affine_1, stages,
-                         lam_map, None if lam_map is None else half_aff_2)
+    return NetworkOutput(HalfResField(tot_1, extent), HalfResField(tot_2, extent), affine_1,
+                         stages, lam_map, None if lam_map is None else half_aff_2)

@@ -46,7 +46,8 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
                iterations: int, lam: float = 0.5, similarity: str = "ncc", steps: int = 7,
                lr: float = 0.05, pool: int = 1, weight: torch.Tensor | None = None,
                mask_1: torch.Tensor | None = None, mask_2: torch.Tensor | None = None,
-               warp_features: bool = False) -> tuple[torch.Tensor, list[float]]:
+               warp_features: bool = False, exact_gradient: bool = True
+               ) -> tuple[torch.Tensor, list[float]]:
     """Refine a channels-last SVF ``(X, Y, Z, 3)`` (voxels) between two images ``(X, Y, Z)``
     on the same grid; returns the refined SVF and the loss before each step.
 
@@ -62,6 +63,9 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
     ``mask_1``, ``mask_2`` (``(X, Y, Z)``, optional) restrict the similarity (module
     docstring). ``warp_features`` (MIND): the descriptors of both images are computed once
     and warped with the field, instead of recomputed from each warped image.
+    ``exact_gradient=False`` differentiates the loss in the integrated displacements and
+    takes that as the SVF's gradient (``d exp(v) / dv`` ~ identity, as log-domain demons'
+    updates): no backward pass through the scaling and squaring.
     """
     if similarity not in IMAGE_SIMILARITIES:
         raise ValueError(f"unknown similarity {similarity!r}, choose from "
@@ -76,7 +80,8 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
                                       weight=_pooled(weight, pool),
                                       mask_1=_pooled(mask_1, pool),
                                       mask_2=_pooled(mask_2, pool),
-                                      warp_features=warp_features)
+                                      warp_features=warp_features,
+                                      exact_gradient=exact_gradient)
         change = (refined - start).permute(3, 0, 1, 2)[None]
         # pooled voxel k sits at fine voxel pool * k + (pool - 1) / 2: align_corners=False
         fine = F.interpolate(change, size=svf.shape[:3], mode="trilinear",
@@ -90,7 +95,13 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
     history = []
     with torch.enable_grad():
         for _ in range(iterations):
-            d1, d2 = integrate_svf(velocity, steps), integrate_svf(-velocity, steps)
+            if exact_gradient:
+                d1, d2 = integrate_svf(velocity, steps), integrate_svf(-velocity, steps)
+            else:  # the loss is differentiated in the displacements, taken as the SVF's
+                with torch.no_grad():
+                    d1, d2 = integrate_svf(velocity, steps), integrate_svf(-velocity, steps)
+                d1.requires_grad_(True)
+                d2.requires_grad_(True)
             w_2 = _weights(_batch(mask_2), _moved(mask_1, grid + d1))  # on image 2's grid
             w_1 = _weights(_batch(mask_1), _moved(mask_2, grid + d2))
             similarity_term = compare(grid + d1, grid + d2, w_2, w_1)
@@ -103,6 +114,8 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
             history.append(float(loss.detach()))
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if not exact_gradient:  # d exp(v) / dv ~ identity, d exp(-v) / dv ~ -identity
+                velocity.grad = d1.grad - d2.grad
             opt.step()
     return velocity.detach(), history
 
@@ -174,7 +187,8 @@ def _increment(params: torch.Tensor, shift: torch.Tensor, rigid: bool) -> torch.
 
 
 #: points the affine refinement compares per step and direction, drawn anew each step
-POINTS = 1 << 15
+#: (8,192 gave the held-out motion pairs the same error as 32,768: 0.209 mm mean)
+POINTS = 1 << 13
 #: steps between computations of the moved images' features (``refine_matrix``)
 ANCHOR = 10
 
@@ -200,7 +214,8 @@ def _point_features(name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def refine_matrix(matrix: np.ndarray, image_1: torch.Tensor, image_2: torch.Tensor, *,
-                  iterations: int, similarity: str = "mind", rigid: bool = False,
+                  iterations: int | tuple[int, ...], similarity: str = "mind",
+                  rigid: bool = False,
                   pools: tuple[int, ...] = (4, 2), lr: float = 0.01,
                   mask_1: torch.Tensor | None = None, mask_2: torch.Tensor | None = None,
                   points: int = POINTS, seed: int = 0) -> tuple[np.ndarray, list[float]]:
@@ -208,7 +223,8 @@ def refine_matrix(matrix: np.ndarray, image_1: torch.Tensor, image_2: torch.Tens
     images ``(X, Y, Z)`` on one grid) by Adam steps on a symmetric image similarity (image
     1 pulled onto image 2 through the matrix plus image 2 onto image 1 through its
     inverse), level by level of ``pools`` (average-pooling factors, coarse to fine):
-    ``iterations`` steps on each, finer levels at a smaller rate.
+    ``iterations`` steps on each (or one count per level), finer levels at a smaller
+    rate.
 
     Each step compares ``points`` random voxels per direction, drawn inside each grid's
     mask (as elastix's and ANTs' sampled metrics; ``seed`` makes the draws repeatable),
@@ -229,7 +245,10 @@ def refine_matrix(matrix: np.ndarray, image_1: torch.Tensor, image_2: torch.Tens
     gen = torch.Generator().manual_seed(seed)
     history: list[float] = []
     current = np.asarray(matrix, float)
-    for pool in pools:
+    counts = (iterations,) * len(pools) if isinstance(iterations, int) else tuple(iterations)
+    if len(counts) != len(pools):
+        raise ValueError(f"{len(counts)} iteration counts for {len(pools)} levels")
+    for pool, iterations in zip(pools, counts, strict=True):
         x1 = F.avg_pool3d(image_1[None, None].float(), pool)
         x2 = F.avg_pool3d(image_2[None, None].float(), pool)
         k1, k2 = (None if m is None else F.avg_pool3d(m[None, None].float(), pool)

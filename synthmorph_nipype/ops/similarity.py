@@ -39,7 +39,12 @@ def _local_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     >>> bool(torch.allclose(_local_mean(x, 3), ref, atol=1e-6))
     True
     """
-    count = _box_sum(torch.ones_like(x[:1, :1]), window)
+    r = window // 2
+    count = 1.0
+    for axis, n in enumerate(x.shape[2:]):  # voxels of the cube inside the grid, per axis
+        i = torch.arange(n, device=x.device)
+        c = (torch.clamp(i + r, max=n - 1) - torch.clamp(i - r, min=0) + 1).to(x.dtype)
+        count = count * c.view([-1 if a == axis else 1 for a in range(3)])
     return _box_sum(x, window) / count
 
 
@@ -107,15 +112,21 @@ def mind(x: torch.Tensor, distance: int = 2, patch: int = 3, eps: float = 1e-6
     variance), scaled so the largest is 1. Contrast changes that keep edges, even an
     inversion, leave them unchanged.
 
+    The squared difference to the neighbour behind is the one to the neighbour ahead seen
+    from that neighbour, so three patch means are computed and the other three are those
+    shifted back (edge values replicated: within ``distance + patch // 2`` voxels of a
+    grid's lower faces the descriptors see the edge repeated).
+
     >>> x = torch.rand(1, 1, 10, 10, 10)
     >>> bool(torch.allclose(mind(x), mind(1 - x), atol=1e-5))
     True
     """
+    ahead = torch.cat([(x - _shift(x, axis, distance)) ** 2 for axis in range(3)], 1)
+    ahead = _local_mean(ahead, patch)
     dists = []
     for axis in range(3):
-        for step in (distance, -distance):
-            diff = (x - _shift(x, axis, step)) ** 2
-            dists.append(_local_mean(diff, patch))
+        d = ahead[:, axis:axis + 1]
+        dists += [d, _shift(d, axis, -distance)]
     d = torch.cat(dists, 1)
     v = d.mean(1, keepdim=True).clamp_min(eps)
     desc = torch.exp(-d / v)

@@ -400,7 +400,8 @@ def _minmax(image: torch.Tensor) -> torch.Tensor:
 
 
 def labels_to_image(labels: torch.Tensor, config: SynthConfig,
-                    generator: torch.Generator) -> torch.Tensor:
+                    generator: torch.Generator, num_values: int | None = None
+                    ) -> torch.Tensor:
     """Synthesise images ``(B, 1, X, Y, Z)`` in [0, 1] from label maps ``(B, X, Y, Z)``.
 
     Steps, each with its own random parameters per batch element: per-label intensity
@@ -409,14 +410,20 @@ def labels_to_image(labels: torch.Tensor, config: SynthConfig,
     U(0, blur_max_mm) per axis; thick slices along a random axis with probability
     ``res_prob``; bias field; min-max normalisation; gamma; zeroing a random end slab
     with probability ``crop_prob``.
+
+    Intensities are drawn for every label value below ``num_values`` (default: the
+    largest present, plus one), present or not, so the same generator state gives each
+    label the same intensity in maps that differ in which labels they hold (a head
+    stripped in one of them).
     """
     if labels.ndim != 4:
         raise ValueError(f"expected labels (B, X, Y, Z), got {tuple(labels.shape)}")
     dev, (b, *shape) = labels.device, labels.shape
     g = generator
     vs = config.voxel_mm()
-    uniq, inverse = torch.unique(labels, return_inverse=True)
-    n_lab = uniq.numel()
+    n_lab = int(labels.max()) + 1 if num_values is None else int(num_values)
+    if int(labels.max()) >= n_lab:
+        raise ValueError(f"label {int(labels.max())} is not below num_values {n_lab}")
     # all draws, in a fixed order, whether used or not
     means = _uniform(g, (b, n_lab), config.mean_min, config.mean_max, dev)
     stds = _uniform(g, (b, n_lab), config.noise_min, config.noise_max, dev)
@@ -434,12 +441,10 @@ def labels_to_image(labels: torch.Tensor, config: SynthConfig,
     crop_end = (_rand(g, (b,), dev) < 0.5).tolist()
     crop_frac = _rand(g, (b,), dev).mul(config.crop_max).tolist()
 
-    if bool((uniq == 0).any()):
-        zero = int(torch.nonzero(uniq == 0)[0, 0])
-        keep = (~zero_bg).float()
-        means[:, zero] = means[:, zero] * keep
-        stds[:, zero] = stds[:, zero] * keep
-    inverse = inverse.reshape(b, -1)
+    keep = (~zero_bg).float()
+    means[:, 0] = means[:, 0] * keep
+    stds[:, 0] = stds[:, 0] * keep
+    inverse = labels.reshape(b, -1)
     image = torch.gather(means, 1, inverse) + torch.gather(stds, 1, inverse) * noise.reshape(b, -1)
     image = image.reshape(b, 1, *shape)
     image = gaussian_blur(image, blur)
@@ -510,6 +515,8 @@ def sample_pair(labels: torch.Tensor, config: SynthConfig, generator: torch.Gene
     if labels_2 is not None and tuple(labels_2.shape) != tuple(labels.shape):
         raise ValueError(f"labels_2 {tuple(labels_2.shape)} differ in shape from labels "
                          f"{tuple(labels.shape)}")
+    values = int(labels.max()) + 1 if labels_2 is None else int(max(labels.max(),
+                                                                      labels_2.max())) + 1
     for k in (1, 2):
         affine = random_affine(b, shape, config, generator, device=dev)
         disp = random_svf_warp(b, shape, config, generator, device=dev, inverse=inverse)
@@ -521,11 +528,11 @@ def sample_pair(labels: torch.Tensor, config: SynthConfig, generator: torch.Gene
         if same_contrast and k == 2:
             now = generator.get_state()
             generator.set_state(contrast_state)
-            out["image_2"] = labels_to_image(moved, config, generator)
+            out["image_2"] = labels_to_image(moved, config, generator, values)
             generator.set_state(now)
         else:
             contrast_state = generator.get_state()
-            out[f"image_{k}"] = labels_to_image(moved, config, generator)
+            out[f"image_{k}"] = labels_to_image(moved, config, generator, values)
         out[f"labels_{k}"] = moved
         out[f"affine_{k}"] = affine
         out[f"disp_{k}"] = disp

@@ -45,6 +45,7 @@ class Pair:
     labels_2: torch.Tensor | None = None
     # (*s, 3) true fixed -> moving displacement (voxels), when known (one anatomy)
     disp_truth: torch.Tensor | None = None
+    source: str = ""  # what the label maps came from ("shapes", "subject", ...)
 
 
 def _dissimilarity_dice(moved: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:

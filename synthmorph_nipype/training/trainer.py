@@ -157,7 +157,7 @@ def make_pair(source: LabelSource, synth: SynthConfig, generator: torch.Generato
                                  out["disp_2"][0])
     truth = (flip @ truth @ flip).cpu()
     return Pair(out["image_1"], out["image_2"], oh1, oh2, truth, out["labels_1"],
-                out["labels_2"], disp)
+                out["labels_2"], disp, lm.source)
 
 
 def true_displacement(affine_1: torch.Tensor, affine_2: torch.Tensor,
@@ -212,12 +212,32 @@ class Progress:
 
 
 def _append(path: Path, row: dict) -> None:
-    new = not path.exists()
+    """Append ``row`` to a CSV file; a row with new columns (a run resumed by a newer
+    version) rewrites the file under the union of the columns, earlier rows left blank
+    there."""
+    columns = list(row)
+    if path.exists():
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        if header and not set(columns) <= set(header):
+            with path.open(newline="") as f:
+                old = list(csv.DictReader(f))
+            header += [c for c in columns if c not in header]
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=header)
+                writer.writeheader()
+                writer.writerows(old)
+        columns = header or columns
+    new = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
+        writer = csv.DictWriter(f, fieldnames=columns)
         if new:
             writer.writeheader()
         writer.writerow(row)
+
+
+def _means(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
 
 
 class Trainer:
@@ -326,10 +346,19 @@ class Trainer:
         return self._val
 
     def validate(self) -> dict[str, float]:
+        """Mean figures over the validation pairs; where some pairs are random shapes and
+        others brains, also the brains' own means (``*_brain``)."""
         self.task.model.eval()
-        rows = [self.task.evaluate(p) for p in self.validation_pairs()]
+        pairs = self.validation_pairs()
+        rows = [self.task.evaluate(p) for p in pairs]
         self.task.model.train()
-        return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} if rows else {}
+        if not rows:
+            return {}
+        out = _means(rows)
+        brains = [r for r, p in zip(rows, pairs, strict=True) if p.source not in ("", "shapes")]
+        if brains and len(brains) < len(rows):
+            out |= {f"{k}_brain": v for k, v in _means(brains).items()}
+        return out
 
     # -- loop -------------------------------------------------------------------------
     def export(self, path: Path | None = None, extra: dict | None = None) -> Path:
