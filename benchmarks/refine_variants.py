@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench.metrics import dice, pull_labels  # noqa: E402
 
-from synthmorph_nipype.engine import network
+from synthmorph_nipype.engine import network, refine
 from synthmorph_nipype.engine.register import register
 from synthmorph_nipype.engine.weights import find_weights, load_models
 from synthmorph_nipype.transforms.base import ImageGrid
@@ -76,6 +76,8 @@ def main(argv=None) -> None:
                         help="pooling of the affine refinement's levels (default 4 2)")
     parser.add_argument("--affine-iterations", type=int, nargs="+",
                         help="steps of each level of the affine refinement")
+    parser.add_argument("--anchor", type=int,
+                        help="steps between the affine refinement's feature computations")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -91,6 +93,8 @@ def main(argv=None) -> None:
     if extra:
         plain = network.refine_svf
         network.refine_svf = lambda *a, **k: plain(*a, **{**k, **extra})
+    if args.anchor is not None:
+        refine.ANCHOR = args.anchor
     matrix_extra = {}
     if args.points is not None:
         matrix_extra["points"] = args.points

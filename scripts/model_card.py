@@ -122,6 +122,8 @@ def main(runs: list[str], previous: Path | None = None) -> None:
            "python scripts/bundle_joint.py runs/joint.pt \\",
            "    synthmorph_nipype/data/synthmorph_nipype.affine.pt \\",
            "    synthmorph_nipype/data/synthmorph_nipype.joint.pt",
+           "python scripts/recommend.py synthmorph_nipype/data/synthmorph_nipype.joint.pt \\",
+           "    --refine 45",
            "```", "",
            "**How they are used.** Trained on a 2-core CPU (the GPU machine was never lent "
            "to this project's training sessions), the networks are small and short-trained: "
@@ -131,8 +133,9 @@ def main(runs: list[str], previous: Path | None = None) -> None:
            "(`refine_affine`, `refine`, `refine_similarity` in its metadata) and "
            "`synthmorph register` applies it unless told otherwise (`--refine-affine 0 "
            "--refine 0` gives the networks alone): Adam steps of a symmetric MIND similarity "
-           "on the affine matrix on 32,768 random voxels per step at 4 mm and again at 2 mm, "
-           "and 30 steps of MIND + lambda x Grad-l2 on the velocity field at 4 mm. Figures "
+           "on the affine matrix on 8,192 random voxels per step, N steps at 4 mm and N/2 at "
+           "2 mm, and 45 steps of MIND + lambda x Grad-l2 on the velocity field at 4 mm. "
+           "Figures "
            "against ANTsPy and elastix are in docs/benchmarks.md (`benchmarks/accuracy.py`, "
            "`benchmarks/heldout.py`): on par with ANTsPy SyN for T1 subject-to-template and "
            "cross-subject pairs, affine error below 0.3 mm on held-out heads against "

@@ -267,6 +267,9 @@ def test_deform_task_reports_end_point_error_every_step(label_dir):
         loss, terms = task.loss(pair, gen)
         loss.backward()
         seen.append(np.isnan(terms["epe"]) == (pair.disp_truth is None))
+        if pair.disp_truth is not None:  # a near-identity network: about the identity's
+            assert terms["epe"] == pytest.approx(terms["epe_identity"], rel=0.05)
+            assert terms["epe_identity"] > 0.1
     assert all(seen)
 
 

@@ -139,6 +139,7 @@ def test_same_contrast_pairs_and_the_curriculum():
     end, p100 = tc.synth_at(100)
     assert (p0, p50, p100) == (1.0, 0.5, 0.0)
     assert start.noise_max == 0 and start.res_prob == 0 and start.bias_std == 0
+    assert start.skull_prob == 0 and end.skull_prob == tc.synth_config().skull_prob > 0
     assert half.noise_max == pytest.approx(0.5 * end.noise_max) and end == tc.synth_config()
     assert start.warp_std_mm == end.warp_std_mm  # geometry is not ramped
 

@@ -174,7 +174,8 @@ def register(args: argparse.Namespace) -> None:
     if "refine_affine_loss" in result.info:
         losses = result.info["refine_affine_loss"]
         print(f"synthmorph register: affine refinement (mind) loss {losses[0]:.4f} -> "
-              f"{losses[-1]:.4f} in {result.info['refine_affine']} steps per level")
+              f"{losses[-1]:.4f} in {len(losses)} steps "
+              f"({result.info['refine_affine']} at 4 mm, then half at 2 mm)")
     if "refine_loss" in result.info:
         losses = result.info["refine_loss"]
         print(f"synthmorph register: refinement ({result.info['refine_similarity']}) loss "

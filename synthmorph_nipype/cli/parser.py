@@ -73,7 +73,7 @@ def build_parser() -> Parser:
                      "across contrasts (default: what the weights recommend, else ncc)")
     reg.add_argument("--refine-affine", type=non_negative, metavar="N",
                      help="affine, rigid and joint modes: optimise the predicted matrix on "
-                     "the pair for N steps per level (4 mm, then 2 mm) on a MIND similarity; "
+                     "the pair for N steps at 4 mm, then N/2 at 2 mm, on a MIND similarity; "
                      "default: what the weights recommend (the embedded models' model card; "
                      "0 for FreeSurfer's)")
     dev = reg.add_mutually_exclusive_group()

@@ -109,8 +109,8 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
         ``mse`` or ``mind``) on a 4 mm grid; ``None`` takes what the weights recommend
         (``models.refine``, ``models.refine_similarity``), 0 keeps the network's field.
     refine_affine : int, optional
-        Test-time refinement of the affine (or rigid) matrix, steps per level of a
-        4 mm / 2 mm pyramid on a symmetric MIND similarity (works across contrasts);
+        Test-time refinement of the affine (or rigid) matrix: N steps at 4 mm, then
+        N / 2 at 2 mm, of a symmetric MIND similarity (works across contrasts);
         ``None`` takes what the weights recommend (``models.refine_affine``: 0 for
         FreeSurfer's, the embedded models' model card gives theirs), 0 keeps the
         network's matrix.

@@ -19,7 +19,7 @@ from ..synthesis.generator import SynthConfig
 from ..vocabulary import EXTENTS, TRAINED_MODELS, check
 
 RAMPED = ("noise_min", "noise_max", "blur_max_mm", "bias_std", "gamma_std", "res_prob",
-          "crop_prob")
+          "crop_prob", "skull_prob")
 
 # Widths of the embedded defaults (small enough to ship and to run fast on a CPU).
 DEFAULT_WIDTHS = {
@@ -65,8 +65,9 @@ class TrainConfig:
     supervised_weight: float = 0.0
     synth: dict = field(default_factory=dict)  # SynthConfig changes (over DEFAULT_SYNTH)
     # curriculum: over the first warmup_steps the augmentations (noise, blur, bias, gamma,
-    # resolution loss, cropping) ramp up from none and the share of pairs whose images
-    # share one contrast falls from all to none
+    # resolution loss, cropping, and the stripping of one image's head: a head next to a
+    # stripped brain kept a fresh U-Net at the identity) ramp up from none and the share
+    # of pairs whose images share one contrast falls from all to none
     warmup_steps: int = 0
     similarity: str = "label_mse"
     regularizer: str = "grad_l2"

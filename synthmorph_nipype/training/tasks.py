@@ -279,6 +279,9 @@ class DeformTask(Task):
         terms = {"sim": float(sim.detach()), "reg": float(reg.detach()), "lambda": lam}
         if self.supervised_weight:  # the same columns every step (NaN: no truth)
             terms["epe"] = float("nan") if epe is None else float(epe.detach())
+            # the identity's error on the same pair: below it, the network has learnt
+            terms["epe_identity"] = float("nan") if epe is None else float(end_point_error(
+                torch.zeros_like(d1), pair.disp_truth, pair.onehot_2, self.stride))
         return loss, terms
 
     @torch.no_grad()
