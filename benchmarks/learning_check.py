@@ -23,22 +23,7 @@ import time
 import torch
 
 from synthmorph_nipype.training.config import read_config
-from synthmorph_nipype.training.tasks import end_point_error
 from synthmorph_nipype.training.trainer import Trainer
-
-
-def fixed_lambda_loss(task, pair, lam: float, autocast):
-    """The joint task's objective at one ``lam``, with its end-point error terms."""
-    d1, d2, _ = task.fields(pair, lam, autocast)
-    (m1, f1), (m2, f2) = task._compared(pair, d1, d2)
-    sim = 0.5 * (task.similarity(m1, f1) + task.similarity(m2, f2))
-    epe = end_point_error(d1, pair.disp_truth, pair.onehot_2, task.stride)
-    u1, u2 = d1.permute(3, 0, 1, 2)[None], d2.permute(3, 0, 1, 2)[None]
-    reg = 0.5 * (task.regularizer(u1) + task.regularizer(u2))
-    loss = (1 - lam) * (sim + task.supervised_weight * epe) + lam * reg
-    identity = end_point_error(torch.zeros_like(d1), pair.disp_truth, pair.onehot_2,
-                               task.stride)
-    return loss, {"epe": float(epe.detach()), "epe_identity": float(identity)}
 
 
 def main(argv=None) -> None:
@@ -67,10 +52,7 @@ def main(argv=None) -> None:
         pair = trainer._draw(gen, synth, args.same)
         if pair.disp_truth is None:
             continue
-        if args.lam is None:  # the training objective, lambda ~ U(0, 1)
-            loss, terms = task.loss(pair, gen, trainer.autocast)
-        else:
-            loss, terms = fixed_lambda_loss(task, pair, args.lam, trainer.autocast)
+        loss, terms = task.loss(pair, gen, trainer.autocast, lam=args.lam)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..ops.grid import affine_points, apply_affine, slabs
 from ..ops.sampling import sample_linear
+
+if TYPE_CHECKING:
+    from .network import HalfResField
 
 SLAB = 1 << 21  # voxels per slab of whole-grid work, to bound memory
 
@@ -19,18 +22,16 @@ def world_matrix(out: np.ndarray, net_to_src_ras: np.ndarray, dst_ras_to_net: np
     return net_to_src_ras @ out @ dst_ras_to_net
 
 
-def world_field(out: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
-                net_to_src_ras: np.ndarray, dst_to_net: np.ndarray, dst_affine: np.ndarray,
-                dst_shape, device: torch.device | str = "cpu") -> np.ndarray:
+def world_field(out: torch.Tensor | HalfResField, net_to_src_ras: np.ndarray,
+                dst_to_net: np.ndarray, dst_affine: np.ndarray, dst_shape) -> np.ndarray:
     """RAS displacement on the dst grid: ``src_ras(p + u(p)) - dst_ras(x)``, ``p`` the
     network point of dst voxel ``x`` and ``u`` an ``(e, e, e, 3)`` field interpolated on
-    clamped coordinates, or a function of the points (as
-    :class:`~synthmorph_nipype.engine.network.HalfResField`), on ``device``. Computed
-    slab by slab: memory beyond the result does not grow with the grid."""
-    if isinstance(out, torch.Tensor):
-        dev, field = out.device, partial(sample_linear, out, boundary="clamp")
-    else:
-        dev, field = torch.device(device), out
+    clamped coordinates, or a :class:`~synthmorph_nipype.engine.network.HalfResField`
+    evaluated at the points. Computed slab by slab: memory beyond the result does not
+    grow with the grid."""
+    dev = out.device
+    field = partial(sample_linear, out, boundary="clamp") if isinstance(out, torch.Tensor) \
+        else out
     total = np.empty((*dst_shape, 3), np.float32)
     for rows in slabs(dst_shape, SLAB):
         p = affine_points(dst_to_net, dst_shape, device=dev, rows=rows)

@@ -136,8 +136,12 @@ class HalfResField:
         c = 0.5 * points.clamp(0, self.extent - 1)
         return sample_linear(self.half_tot, c, boundary="clamp") - c
 
+    @property
+    def device(self) -> torch.device:
+        return self.half_tot.device
+
     def full(self) -> torch.Tensor:
-        return self(voxel_grid((self.extent,) * 3, device=self.half_tot.device))
+        return self(voxel_grid((self.extent,) * 3, device=self.device))
 
 
 @torch.no_grad()

@@ -186,12 +186,12 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
     forward = inverse = None
     if "forward" in outputs:
         total_fw = world_field(out.out_1, mov_net2ras, fix_ras2net @ fix.affine, fix.affine,
-                               fix.shape, device)
+                               fix.shape)
         fw_res = residual_field(total_fw, fix.affine, affine.matrix, fix.shape)
         forward = Chain([affine, DisplacementField(fix, fw_res)])
     if "inverse" in outputs:
         total_bw = world_field(out.out_2, fix_net2ras, mov_ras2net @ mov.affine, mov.affine,
-                               mov.shape, device)
+                               mov.shape)
         bw_res = push_field(total_bw, mov.affine, affine.matrix, mov.shape)
         inverse = Chain([affine.inverse(), DisplacementField(mov, bw_res)])
     return Registration(mode, mov, fix, forward, inverse, info, lam_img)

@@ -421,9 +421,10 @@ def labels_to_image(labels: torch.Tensor, config: SynthConfig,
     dev, (b, *shape) = labels.device, labels.shape
     g = generator
     vs = config.voxel_mm()
-    n_lab = int(labels.max()) + 1 if num_values is None else int(num_values)
-    if int(labels.max()) >= n_lab:
-        raise ValueError(f"label {int(labels.max())} is not below num_values {n_lab}")
+    top = int(labels.max())
+    n_lab = top + 1 if num_values is None else int(num_values)
+    if top >= n_lab:
+        raise ValueError(f"label {top} is not below num_values {n_lab}")
     # all draws, in a fixed order, whether used or not
     means = _uniform(g, (b, n_lab), config.mean_min, config.mean_max, dev)
     stds = _uniform(g, (b, n_lab), config.noise_min, config.noise_max, dev)
@@ -444,8 +445,8 @@ def labels_to_image(labels: torch.Tensor, config: SynthConfig,
     keep = (~zero_bg).float()
     means[:, 0] = means[:, 0] * keep
     stds[:, 0] = stds[:, 0] * keep
-    inverse = labels.reshape(b, -1)
-    image = torch.gather(means, 1, inverse) + torch.gather(stds, 1, inverse) * noise.reshape(b, -1)
+    index = labels.reshape(b, -1)
+    image = torch.gather(means, 1, index) + torch.gather(stds, 1, index) * noise.reshape(b, -1)
     image = image.reshape(b, 1, *shape)
     image = gaussian_blur(image, blur)
     if any(res_on):
@@ -515,8 +516,8 @@ def sample_pair(labels: torch.Tensor, config: SynthConfig, generator: torch.Gene
     if labels_2 is not None and tuple(labels_2.shape) != tuple(labels.shape):
         raise ValueError(f"labels_2 {tuple(labels_2.shape)} differ in shape from labels "
                          f"{tuple(labels.shape)}")
-    values = int(labels.max()) + 1 if labels_2 is None else int(max(labels.max(),
-                                                                      labels_2.max())) + 1
+    # one intensity table for both images: their maps may hold different labels
+    values = 1 + max(int(labels.max()), -1 if labels_2 is None else int(labels_2.max()))
     for k in (1, 2):
         affine = random_affine(b, shape, config, generator, device=dev)
         disp = random_svf_warp(b, shape, config, generator, device=dev, inverse=inverse)

@@ -258,8 +258,11 @@ class DeformTask(Task):
         """What the similarity compares: (moved, fixed) both ways."""
         return self._moved(pair, d1, d2, self.stride)
 
-    def loss(self, pair, generator, autocast=nullcontext):
-        lam = float(torch.rand((), generator=generator))
+    def loss(self, pair, generator, autocast=nullcontext, lam: float | None = None):
+        """The objective on ``pair``; ``lam`` ~ U(0, 1) drawn with ``generator`` unless
+        given."""
+        if lam is None:
+            lam = float(torch.rand((), generator=generator))
         d1, d2, lam_map = self.fields(pair, lam, autocast)
         (m1, f1), (m2, f2) = self._compared(pair, d1, d2)
         sim = 0.5 * (self.similarity(m1, f1) + self.similarity(m2, f2))
