@@ -20,7 +20,12 @@ from synthmorph_nipype.ops.grid import (
 from synthmorph_nipype.ops.integrate import integrate_svf
 from synthmorph_nipype.ops.linalg import rotation_exp, sqrtm
 from synthmorph_nipype.ops.rotation import axis_angle, rotation, rotation_angle
-from synthmorph_nipype.ops.sampling import sample_linear, sample_nearest
+from synthmorph_nipype.ops.sampling import (
+    axis_permutation,
+    resample_axis_aligned,
+    sample_linear,
+    sample_nearest,
+)
 
 from .helpers import apply, random_affine
 
@@ -219,6 +224,43 @@ def test_sample_linear_zeros_boundary():
                        dtype=torch.float64)
     assert sample_linear(vol, out, fill=-7.0).tolist() == [-7.0, -7.0, -7.0]
     assert sample_linear(vol, out).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_axis_aligned_resampling_is_trilinear_sampling():
+    """The separable path gives what scipy's trilinear interpolation gives at the points
+    affine_points makes, for flips, permutations, scalings and shifts that put points off
+    the grid and exactly on its first and last voxels; a matrix that mixes axes is refused."""
+    from synthmorph_nipype.engine.conform import conform
+
+    rng = np.random.default_rng(4)
+    vol = rng.uniform(1, 2, (7, 8, 9))
+    shape = (10, 6, 12)
+    for perm in ((0, 1, 2), (2, 0, 1), (1, 2, 0)):
+        m = np.zeros((4, 4))
+        m[3, 3] = 1
+        for b, a in enumerate(perm):  # from 1.5 voxels before the grid, on past its end
+            m[a, b] = rng.choice([-1, 1]) * rng.uniform(0.8, 1.2)
+            m[a, 3] = -1.5 if m[a, b] > 0 else vol.shape[a] + 0.5
+        a = perm[0]  # one axis on the voxels, its first and last among them
+        m[a, 0], m[a, 3] = (1.0, 0.0) if m[a, 0] > 0 else (-1.0, vol.shape[a] - 1.0)
+        assert axis_permutation(m, shape) == perm
+        pts = affine_points(m, shape).double().numpy().reshape(-1, 3)
+        inside = ((pts >= 0) & (pts <= np.array(vol.shape) - 1)).all(axis=1)
+        want = np.where(inside, ndimage.map_coordinates(vol, pts.T, order=1, mode="nearest"),
+                        0.0).reshape(shape)
+        got = resample_axis_aligned(torch.from_numpy(vol), m, shape).numpy()
+        assert 0.1 < inside.mean() < 0.95  # points on and off the grid
+        np.testing.assert_allclose(got, want, atol=1e-12)
+        # conform takes this path; a slightly oblique matrix takes grid_sample's
+        np.testing.assert_allclose(conform(vol, m, 10, normalize=False).numpy(),
+                                   sample_linear(torch.from_numpy(vol).float().double(),
+                                                 affine_points(m, (10,) * 3)).numpy(),
+                                   atol=1e-6)
+    oblique = np.eye(4)
+    oblique[0, 1] = 0.01
+    assert axis_permutation(oblique, shape) is None
+    with pytest.raises(ValueError, match="mixes axes"):
+        resample_axis_aligned(torch.from_numpy(vol), oblique, shape)
 
 
 def test_sample_linear_clamp_boundary():

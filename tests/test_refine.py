@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from synthmorph_nipype.cli.main import main
-from synthmorph_nipype.engine.refine import refine_matrix, refine_svf
+from synthmorph_nipype.engine.refine import content_box, refine_matrix, refine_svf
 from synthmorph_nipype.interfaces import SynthMorphRegister
 from synthmorph_nipype.ops.grid import voxel_grid
 from synthmorph_nipype.ops.integrate import integrate_svf
@@ -103,6 +103,49 @@ def test_pooled_refinement_recovers_a_smooth_warp_and_keeps_the_fine_field():
     before = float(true[inner].norm(dim=-1).mean())
     after = float((integrate_svf(svf, 7) - true)[inner].norm(dim=-1).mean())
     assert after < 0.5 * before, (before, after)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_refinement_cropped_to_the_content_reaches_the_same_field(masked):
+    """Content (or a mask) in the middle of a larger grid: the refinement of its box
+    (grown by the margin) gives the field the whole grid's refinement gives where the
+    content is, leaves the start untouched outside the box, and joins it without a
+    jump across the margin."""
+    n, lo, hi, margin = 32, 8, 24, 4  # (margin 2 around a mask: 95 % off, image
+    # content outside the box missing from the similarity's neighbourhoods; 4: 2 %)
+    blob = smooth((hi - lo,) * 3, 5)
+    fixed = torch.zeros(n, n, n)
+    fixed[lo:hi, lo:hi, lo:hi] = (blob - blob.min()) / (blob.max() - blob.min())
+    i = torch.arange(n, dtype=torch.float32)
+    true = torch.zeros(n, n, n, 3)
+    true[..., 0] = 1.2 * torch.sin(2 * math.pi * i / 16)[None, :, None]
+    moving = sample_linear(fixed, voxel_grid((n, n, n)) - true)
+    mask = None
+    if masked:  # a mask inside the content: only it counts (and sets the box)
+        mask = torch.zeros(n, n, n)
+        mask[lo + 2:hi - 2, lo + 2:hi - 2, lo + 2:hi - 2] = 1
+    box = content_box((moving, fixed), (mask, mask), margin)
+    edge = lo + 2 if masked else lo
+    assert box is not None and box[1].start == edge - margin
+    assert content_box((fixed, fixed), (None, None), n) is None  # the whole grid
+    assert content_box((0 * fixed, 0 * fixed), (None, None), 2) is None  # nothing
+    start = 0.1 * torch.randn(n, n, n, 3, generator=torch.Generator().manual_seed(1))
+    kwargs = dict(iterations=30, lam=0.3, lr=0.1, similarity="ncc", mask_1=mask, mask_2=mask)
+    whole, _ = refine_svf(start, moving, fixed, **kwargs)
+    cropped, _ = refine_svf(start, moving, fixed, crop_margin=margin, **kwargs)
+    outside = torch.ones(n, n, n, dtype=torch.bool)
+    outside[box] = False
+    assert torch.equal(cropped[outside], start[outside])
+    inner = (slice(edge + 1, n - edge - 1),) * 3
+    change = (whole - start)[inner]
+    diff = float(((cropped - start)[inner] - change).norm(dim=-1).mean())
+    assert float(change.norm(dim=-1).mean()) > 0.3  # it did refine there
+    assert diff < 0.1 * float(change.norm(dim=-1).mean()), diff
+    # the correction fades across the margin: small on the box's outer faces
+    correction = (cropped - start).norm(dim=-1)
+    faces = torch.cat([correction[box[0].start, box[1], box[2]].ravel(),
+                       correction[box[0], box[1].stop - 1, box[2]].ravel()])
+    assert float(faces.max()) < 0.3 * float(correction[inner].max())
 
 
 def test_refine_from_the_command_line(nipype_pair, tmp_path, capsys):

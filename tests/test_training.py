@@ -142,6 +142,9 @@ def test_same_contrast_pairs_and_the_curriculum():
     assert start.skull_prob == 0 and end.skull_prob == tc.synth_config().skull_prob > 0
     assert half.noise_max == pytest.approx(0.5 * end.noise_max) and end == tc.synth_config()
     assert start.warp_std_mm == end.warp_std_mm  # geometry is not ramped
+    kept = TrainConfig(model="joint", warmup_steps=100, same_contrast_final=0.3)
+    assert [kept.synth_at(s)[1] for s in (0, 50, 100, 500)] == pytest.approx(
+        [1.0, 0.65, 0.3, 0.3])
 
 
 def test_same_contrast_survives_a_label_missing_from_one_image():

@@ -129,6 +129,27 @@ def test_field_is_zero_off_grid_and_exact_on_nodes():
                        atol=1e-5)
 
 
+def test_map_grid_reads_a_field_on_its_own_grid_as_map_interpolates_it():
+    """Mapping a grid's voxel centres: a field on that very grid gives its stored values
+    (what map interpolates there), on another grid it interpolates, and a chain lets its
+    last member map the grid."""
+    rng = np.random.default_rng(5)
+    field = random_field("oblique", 3)
+    grid = field.grid
+    pts = grid.world_points((2, 5)).reshape(-1, 3)
+    np.testing.assert_allclose(field.map_grid(grid, (2, 5)), field.map(pts), atol=1e-5)
+    assert not np.allclose(field.map_grid(grid, (2, 5)), pts, atol=1e-3)  # it moves them
+    shifted = grid.affine.copy()  # half-voxel steps inside the field: interpolated
+    shifted[:3, 3] += grid.affine[:3, :3] @ [2.5, 1.3, 3.2]
+    other = ImageGrid.make((6, 5, 4), shifted)
+    on_other = other.world_points().reshape(-1, 3)
+    np.testing.assert_allclose(field.map_grid(other), field.map(on_other), atol=1e-12)
+    assert not np.allclose(field.map_grid(other), on_other, atol=1e-3)
+    chain = Chain([Affine(random_affine(rng)), field])
+    np.testing.assert_allclose(chain.map_grid(grid, (0, 3)),
+                               chain.map(grid.world_points((0, 3)).reshape(-1, 3)), atol=1e-4)
+
+
 def test_image_grid_from_image():
     grid = make_grid("oblique")
     img = nib.Nifti1Image(np.zeros((*grid.shape, 2), np.float32), grid.affine)

@@ -41,7 +41,7 @@ def resample(img, transform: Transform, reference: ImageGrid, *, method: str = "
     data = np.empty((*reference.shape, *vol.shape[3:]), out_dtype)
     lo, hi = np.inf, -np.inf
     for i0, i1 in slabs(reference.shape, SLAB):  # memory bounded by a slab, not the grid
-        pts = transform.map(reference.world_points((i0, i1)).reshape(-1, 3))
+        pts = transform.map_grid(reference, (i0, i1))
         idx = apply_affine(to_index, torch.from_numpy(pts))
         if method == "linear":
             # ITK's rule (values up to half a voxel beyond the edge centres), so that

@@ -54,7 +54,7 @@ def to_grid_sample(coords: torch.Tensor, shape) -> torch.Tensor:
     tensor([[ 1., -1.,  1.]])
     """
     m = torch.as_tensor(normalised_matrix(shape), dtype=coords.dtype, device=coords.device)
-    return (coords * m.diagonal()[:3] + m[:3, 3])[..., REVERSED]
+    return torch.addcmul(m[:3, 3], coords, m.diagonal()[:3]).flip(-1)  # flip: REVERSED
 
 
 def _shift(offset: float, like: torch.Tensor) -> torch.Tensor:

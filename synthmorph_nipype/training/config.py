@@ -67,8 +67,9 @@ class TrainConfig:
     # curriculum: over the first warmup_steps the augmentations (noise, blur, bias, gamma,
     # resolution loss, cropping, and the stripping of one image's head: a head next to a
     # stripped brain kept a fresh U-Net at the identity) ramp up from none and the share
-    # of pairs whose images share one contrast falls from all to none
+    # of pairs whose images share one contrast falls from all to same_contrast_final
     warmup_steps: int = 0
+    same_contrast_final: float = 0.0
     similarity: str = "label_mse"
     regularizer: str = "grad_l2"
     # spatially varying regularisation (joint): a U-Net with a lambda head instead of the
@@ -121,6 +122,8 @@ class TrainConfig:
             if self.voxel_mm != 2.0:  # pairs come at the engine's half resolution
                 raise ValueError("the similarity objective trains on the 2 mm grid "
                                  "(voxel_mm 2)")
+        if not 0 <= self.same_contrast_final <= 1:
+            raise ValueError("same_contrast_final must lie in [0, 1]")
         if not 0 <= self.inter_subject_prob <= 1 or self.supervised_weight < 0:
             raise ValueError("inter_subject_prob must lie in [0, 1] and supervised_weight "
                              "be >= 0")
@@ -142,12 +145,12 @@ class TrainConfig:
 
     def synth_at(self, step: int) -> tuple[SynthConfig, float]:
         """Synthesis at ``step`` and the probability of a same-contrast pair (curriculum)."""
-        target = self.synth_config()
+        target, final = self.synth_config(), self.same_contrast_final
         if step >= self.warmup_steps:
-            return target, 0.0
+            return target, final
         t = step / self.warmup_steps
         ramp = {k: t * getattr(target, k) for k in RAMPED}
-        return target.replace(**ramp), 1.0 - t
+        return target.replace(**ramp), final + (1.0 - final) * (1.0 - t)
 
     def lr_at(self, step: int) -> float:
         """The learning rate of update number ``step`` (counting from 1).

@@ -27,7 +27,14 @@ def as_points(points) -> np.ndarray:
 
 
 def _apply_matrix(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    return points @ matrix[:3, :3].T + matrix[:3, 3]
+    """``matrix`` (4x4) applied to float64 ``(N, 3)`` points."""
+    if len(points) < 4096:
+        return points @ matrix[:3, :3].T + matrix[:3, 3]
+    import torch  # numpy's (N, 3) @ (3, 3) is ten times slower on large N, same sums
+
+    m = torch.from_numpy(np.array(matrix, dtype=np.float64))
+    return torch.addmm(m[:3, 3], torch.from_numpy(np.asarray(points, np.float64)),
+                       m[:3, :3].T).numpy()
 
 
 def has_shear(affine, tol: float = 1e-4) -> bool:
@@ -115,6 +122,12 @@ class Transform(ABC):
         """This transform as one :class:`Affine`, or None when it is not affine."""
         return None
 
+    def map_grid(self, grid: ImageGrid, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """``map`` of the voxel centres of ``grid`` (rows ``i0 <= i < i1`` with ``rows``),
+        as ``(N, 3)`` points in the voxels' C order: what a resampling onto ``grid``
+        reads."""
+        return self.map(grid.world_points(rows).reshape(-1, 3))
+
 
 class Affine(Transform):
     """An affine pull-back map given by a 4x4 RAS-to-RAS matrix.
@@ -196,6 +209,15 @@ class DisplacementField(Transform):
             disp[inside] = vals.numpy().astype(np.float64)
         return pts + disp
 
+    def map_grid(self, grid: ImageGrid, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """On the field's own grid the displacements are the stored ones (no
+        interpolation); elsewhere as :meth:`Transform.map_grid`."""
+        if not self.grid.same_as(grid, atol=1e-9):
+            return super().map_grid(grid, rows)
+        i0, i1 = rows if rows is not None else (0, grid.shape[0])
+        pts = grid.world_points(rows).reshape(-1, 3)
+        return pts + self.field[i0:i1].reshape(-1, 3)
+
     def __repr__(self) -> str:
         return f"DisplacementField(shape={self.grid.shape})"
 
@@ -230,6 +252,16 @@ class Chain(Transform):
             pts = t.map(pts)
         return pts
 
+    def map_grid(self, grid: ImageGrid, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The last member maps the grid (a field on it needs no interpolation), the
+        others the points it gives."""
+        if not self.transforms:
+            return super().map_grid(grid, rows)
+        pts = self.transforms[-1].map_grid(grid, rows)
+        for t in reversed(self.transforms[:-1]):
+            pts = t.map(pts)
+        return pts
+
     def as_affine(self) -> Affine | None:
         """The product of the members as one :class:`Affine`, or None if any is not affine."""
         matrix = np.eye(4)
@@ -260,5 +292,6 @@ def dense_field(transform: Transform, grid: ImageGrid) -> DisplacementField:
     for i0 in range(0, grid.shape[0], step):  # slab by slab: memory bounded by a slab
         i1 = min(grid.shape[0], i0 + step)
         pts = grid.world_points((i0, i1)).reshape(-1, 3)
-        disp[i0:i1] = (transform.map(pts) - pts).reshape(i1 - i0, *grid.shape[1:], 3)
+        disp[i0:i1] = (transform.map_grid(grid, (i0, i1)) - pts).reshape(
+            i1 - i0, *grid.shape[1:], 3)
     return DisplacementField(grid, disp)
