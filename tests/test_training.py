@@ -3,6 +3,7 @@ learn, resumable deterministic runs, and the synth/train commands."""
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 
@@ -283,6 +284,25 @@ def test_learning_rate_decay_can_be_added_when_resuming(tmp_path):
     assert not all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="lr_decay_start must lie between 0 and steps"):
         tiny_config("affine", steps=4, lr_decay_start=5)
+
+
+def test_gradient_clipping_bounds_the_updates_and_logs_the_norm(tmp_path):
+    """Clipped far below the gradients' norm, Adam's updates fall under its epsilon: the
+    weights move much less than without; the logged norm is the one before clipping."""
+    start = _state(Trainer(tiny_config("joint", steps=3), tmp_path / "s").task.model)
+    moves, norms = {}, {}
+    for name, clip in (("free", None), ("clipped", 1e-9)):
+        trainer = Trainer(tiny_config("joint", steps=3, grad_clip=clip), tmp_path / name)
+        trainer.run(progress=False)
+        end = _state(trainer.task.model)
+        moves[name] = sum(float((end[k].float() - start[k].float()).abs().sum()) for k in end)
+        with (tmp_path / name / "train.csv").open() as f:
+            norms[name] = [float(r["grad_norm"]) for r in csv.DictReader(f)]
+    assert norms["clipped"][0] == pytest.approx(norms["free"][0])  # same first pair
+    assert min(norms["clipped"]) > 1e-6
+    assert moves["clipped"] < 0.01 * moves["free"]
+    with pytest.raises(ValueError, match="grad_clip must be > 0"):
+        tiny_config("joint", grad_clip=0)
 
 
 def test_resume_refuses_other_settings(tmp_path):

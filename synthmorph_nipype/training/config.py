@@ -49,6 +49,9 @@ class TrainConfig:
     # to lr_final at the last step (None: constant); both may change when resuming
     lr_decay_start: int | None = None
     lr_final: float = 1e-5
+    # largest gradient norm an update uses (larger ones are scaled down to it; None: no
+    # clipping); the norm before clipping is logged as grad_norm
+    grad_clip: float | None = None
     seed: int = 0
     grid: int = 96  # training grid edge in voxels (half-resolution network space)
     crop: int | None = None  # train on random cubes of this edge cut from each pair
@@ -122,6 +125,8 @@ class TrainConfig:
             if self.voxel_mm != 2.0:  # pairs come at the engine's half resolution
                 raise ValueError("the similarity objective trains on the 2 mm grid "
                                  "(voxel_mm 2)")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError("grad_clip must be > 0 (or absent: no clipping)")
         if not 0 <= self.same_contrast_final <= 1:
             raise ValueError("same_contrast_final must lie in [0, 1]")
         if not 0 <= self.inter_subject_prob <= 1 or self.supervised_weight < 0:

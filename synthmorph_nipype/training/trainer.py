@@ -46,7 +46,7 @@ from .tasks import TASKS, Pair, Task, load_start
 STATE = "synthmorph-nipype-training"
 # settings a resumed run may change (everything else must match the checkpoint)
 RESUMABLE = {"steps", "threads", "device", "val_every", "ckpt_every", "affine_weights",
-             "lr_decay_start", "lr_final"}
+             "lr_decay_start", "lr_final", "grad_clip"}
 # test-time refinement a starting model recommends: a model fine-tuned from it keeps it
 RECOMMENDATIONS = ("refine_affine", "refine", "refine_similarity")
 
@@ -419,9 +419,12 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = cfg.lr_at(self.step + 1)
             loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(
+                self.task.model.parameters(),
+                math.inf if cfg.grad_clip is None else cfg.grad_clip)
             self.optimizer.step()
             self.step += 1
-            row = {"step": self.step, "loss": value, **terms,
+            row = {"step": self.step, "loss": value, **terms, "grad_norm": float(norm),
                    "seconds": round(time.monotonic() - t0, 4)}
             _append(self.outdir / "train.csv", row)
             if bar:
