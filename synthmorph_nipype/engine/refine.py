@@ -321,7 +321,7 @@ def refine_matrix(matrix: np.ndarray, image_1: torch.Tensor, image_2: torch.Tens
     counts = (iterations,) * len(pools) if isinstance(iterations, int) else tuple(iterations)
     if len(counts) != len(pools):
         raise ValueError(f"{len(counts)} iteration counts for {len(pools)} levels")
-    for level, (pool, count) in enumerate(zip(pools, counts, strict=True)):
+    for pool, count in zip(pools, counts, strict=True):
         x1 = F.avg_pool3d(image_1[None, None].float(), pool)
         x2 = F.avg_pool3d(image_2[None, None].float(), pool)
         k1, k2 = (None if m is None else F.avg_pool3d(m[None, None].float(), pool)
