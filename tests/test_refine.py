@@ -316,7 +316,9 @@ def test_refine_affine_from_the_command_line(nipype_pair, tmp_path, capsys):
     base = ["register", "-e", "192", "-j", "1", "-w", str(nipype_pair["weights"]),
             str(nipype_pair["moving"]), str(nipype_pair["fixed"]), "-t", str(tmp_path / "a.h5")]
     assert main(base + ["-m", "affine", "--refine-affine", "4"]) == 0
-    assert "affine refinement (mind) loss" in capsys.readouterr().out
+    out = capsys.readouterr().out  # each level's losses, not one across the two
+    assert "affine refinement (mind) loss" in out and "in 4 at 4 mm, " in out
+    assert out.rstrip().endswith("in 2 at 2 mm")
     assert main(base + ["-m", "deform", "--refine-affine", "4"]) != 0
     assert "--refine-affine applies to the affine, rigid and joint modes" in (
         capsys.readouterr().err)

@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 
 from ..engine.device import pick_device, set_threads
+from ..engine.network import level_steps
 from ..engine.register import register as run_register
 from ..engine.resample import header_only, resample
 from ..engine.weights import find_weights, load_models
@@ -173,9 +174,11 @@ def register(args: argparse.Namespace) -> None:
     print(f"synthmorph register: {args.mode} registration done in {elapsed:.1f} s on {device}")
     if "refine_affine_loss" in result.info:
         losses = result.info["refine_affine_loss"]
-        print(f"synthmorph register: affine refinement (mind) loss {losses[0]:.4f} -> "
-              f"{losses[-1]:.4f} in {len(losses)} steps "
-              f"({result.info['refine_affine']} at 4 mm, then half at 2 mm)")
+        coarse = level_steps(result.info["refine_affine"])[0]
+        levels = ((f"{coarse} at 4 mm", losses[:coarse]), (f"{len(losses) - coarse} at 2 mm",
+                                                            losses[coarse:]))
+        print("synthmorph register: affine refinement (mind) loss " + ", ".join(
+            f"{part[0]:.4f} -> {part[-1]:.4f} in {name}" for name, part in levels if part))
     if "refine_loss" in result.info:
         losses = result.info["refine_loss"]
         print(f"synthmorph register: refinement ({result.info['refine_similarity']}) loss "
