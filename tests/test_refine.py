@@ -256,6 +256,36 @@ def test_matrix_refinement_draws_repeatable_points():
         refine_matrix(start, image_1, image_2, iterations=(5, 5), pools=(4, 2, 1))
 
 
+def test_matrix_refinement_box_maps_coordinates_exactly():
+    """The affine refinement works on the box of each image's content: an image pulled
+    into the box equals the box cut from the image pulled onto the whole grid, and a
+    point sampled from a box volume reads what the whole volume has there."""
+    from synthmorph_nipype.engine.refine import _boxes, _draw, _gather, _pull, _sample_at
+    from synthmorph_nipype.ops.grid import normalised_matrix
+
+    shape = (40, 37, 43)
+    image = torch.zeros(1, 1, *shape)
+    image[0, 0, 16:23, 13:19, 30:40] = smooth((7, 6, 10), 3)
+    box = _boxes(image, None, 2)  # content +- 2 (margin) +- 7 (halo), clipped to the grid
+    assert [(b.start, b.stop) for b in box.slices] == [(7, 32), (4, 28), (21, 43)]
+    assert [(b.start, b.stop) for b in box.inner] == [(7, 18), (7, 17), (7, 21)]
+    angle = 0.2
+    matrix = torch.tensor([[math.cos(angle), -math.sin(angle), 0, 0.05],
+                           [math.sin(angle), math.cos(angle), 0, -0.1],
+                           [0, 0, 1, 0.02], [0, 0, 0, 1]])
+    whole, cut = _pull(image, matrix), _pull(image, matrix, box)
+    assert torch.allclose(box.crop(whole), cut, atol=1e-5)
+    assert float(cut.abs().max()) > 0.1  # the pulled content lies in the box
+    norm = torch.as_tensor(normalised_matrix(shape)[:3], dtype=torch.float32)
+    candidates = torch.arange(int(np.prod(box.shape)))
+    flat, points = _draw(candidates, 500, torch.Generator().manual_seed(0), box, norm)
+    # a drawn voxel's flat index (in the box) and its coordinates (on the grid) agree
+    assert torch.allclose(_gather(cut, flat), _sample_at(whole, points), atol=1e-5)
+    moved = points + 0.01 * torch.randn(points.shape)  # off the voxel centres
+    assert torch.allclose(_sample_at(cut, box.local(moved)), _sample_at(whole, moved),
+                          atol=1e-5)
+
+
 def test_matrix_refinement_needs_a_pointwise_similarity():
     """MIND or MSE (compared voxel by voxel); NCC's windows are refused. MSE finds a shift
     between two images of one contrast."""

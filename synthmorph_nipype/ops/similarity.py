@@ -18,16 +18,25 @@ import torch.nn.functional as F
 
 
 def _box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Sum over a ``window``-wide cube around each voxel (zero outside), as three 1-D
-    convolutions: several times faster than ``avg_pool3d`` on a CPU, forward and back."""
-    c = x.shape[1]
+    """Sum over a ``window``-wide cube around each voxel (zero outside), axis by axis as
+    ``window`` shifted views of the zero-padded volume added up: on a CPU 2-3 times
+    faster than grouped 1-D convolutions (and those several times faster than
+    ``avg_pool3d``), forward and back.
+
+    >>> x = torch.rand(1, 2, 5, 4, 3)
+    >>> ref = 27 * F.avg_pool3d(x, 3, stride=1, padding=1, count_include_pad=True)
+    >>> bool(torch.allclose(_box_sum(x, 3), ref, atol=1e-5))
+    True
+    """
+    r = window // 2
     for axis in range(3):
-        size = [1, 1, 1]
-        size[axis] = window
-        pad = [0, 0, 0]
-        pad[axis] = window // 2
-        kernel = torch.ones(c, 1, *size, dtype=x.dtype, device=x.device)
-        x = F.conv3d(x, kernel, padding=tuple(pad), groups=c)
+        dim, n = 2 + axis, x.shape[2 + axis]
+        pad = [0] * 6
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
+        padded = F.pad(x, pad)
+        x = padded.narrow(dim, 0, n).clone()
+        for k in range(1, window):
+            x.add_(padded.narrow(dim, k, n))
     return x
 
 
@@ -128,9 +137,9 @@ def mind(x: torch.Tensor, distance: int = 2, patch: int = 3, eps: float = 1e-6
         d = ahead[:, axis:axis + 1]
         dists += [d, _shift(d, axis, -distance)]
     d = torch.cat(dists, 1)
-    v = d.mean(1, keepdim=True).clamp_min(eps)
-    desc = torch.exp(-d / v)
-    return desc / desc.amax(1, keepdim=True).clamp_min(eps)
+    # exp(-d / v) / max over the six = exp(-(d - min d) / v): the largest is exactly 1
+    rate = d.mean(1, keepdim=True).clamp_min(eps).reciprocal().neg()
+    return torch.exp((d - d.amin(1, keepdim=True)) * rate)
 
 
 def mind_loss(moved: torch.Tensor, fixed: torch.Tensor, distance: int = 2,
