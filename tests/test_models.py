@@ -633,3 +633,41 @@ def test_pooled_unet_field_convention():
     j = torch.arange(16, dtype=out.dtype)
     assert torch.allclose(out[0, 0, 1:-1, 5, 5], a * (j[1:-1] - 0.5), atol=1e-6)
     assert torch.allclose(out[0, 2], torch.full_like(out[0, 2], 2.0))  # 1 pooled voxel = 2
+
+
+def test_unet_on_mind_descriptors(tmp_path):
+    """``input_features="mind"``: the U-Net sees six MIND descriptors per image (12 input
+    channels), so its field is the same for a pair whose contrast is inverted and differs
+    from the intensity U-Net's; prepool computes them on the pooled grid; the setting
+    survives a checkpoint; an unknown kind is refused."""
+    from synthmorph_nipype.models.joint import mind_channels
+
+    config = dataclasses.replace(TINY_UNET, input_features="mind")
+    assert config.layer_channels()[0][0] == 12 and TINY_UNET.layer_channels()[0][0] == 2
+    torch.manual_seed(0)
+    model = HyperUNet(config)
+    x = torch.rand(1, 2, 32, 32, 32)
+    with torch.no_grad():
+        out = model(x, 0.5)
+        assert torch.allclose(out, model(1 - x, 0.5), atol=1e-4)
+        plain = HyperUNet(TINY_UNET)
+        assert not torch.allclose(plain(x, 0.5), plain(1 - x, 0.5), atol=1e-4)
+        # what the first convolution sees: MIND of each channel of the (pooled) input
+        seen = []
+        hook = model.convs[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        pooled = HyperUNet(dataclasses.replace(config, prepool=2))
+        pooled.load_state_dict(model.state_dict())
+        hook.remove()
+        hook = pooled.convs[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        pooled(x, 0.5)
+        hook.remove()
+        assert torch.allclose(seen[0], mind_channels(torch.nn.functional.avg_pool3d(x, 2)))
+    save_checkpoint(tmp_path / "mind.pt", deform=model)
+    loaded = load_checkpoint(tmp_path / "mind.pt")["deform"]
+    assert loaded.config.input_features == "mind"
+    with torch.no_grad():
+        assert torch.equal(loaded(x, 0.5), out)
+        unet = model.specialize(0.5)
+        assert torch.allclose(unet(x), out, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown input features 'sobel'"):
+        dataclasses.replace(TINY_UNET, input_features="sobel")

@@ -16,7 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.similarity import mind
 from .layers import HyperConv3d, conv3, leaky
+
+#: what the U-Net may see of each image channel, and how many channels that makes: the
+#: intensities (SynthMorph) or their six MIND descriptors (on the network's own grid)
+INPUT_FEATURES = {"": 1, "mind": 6}
 
 
 @dataclass(frozen=True)
@@ -34,14 +39,20 @@ class UNetConfig:
     # spatially varying regularisation (Chen et al.): a fourth output channel, the logit
     # of a voxel-wise regularisation weight (see :func:`split_lambda`)
     lambda_head: bool = False
+    # "mind": the U-Net sees each image's MIND descriptors instead of its intensities (a
+    # contrast change that keeps edges changes nothing it sees; the official models: "")
+    input_features: str = ""
 
     def __post_init__(self):
         if len(self.enc_nf) != len(self.dec_nf):
             raise ValueError("the encoder and decoder need the same number of levels")
+        if self.input_features not in INPUT_FEATURES:
+            raise ValueError(f"unknown input features {self.input_features!r}, choose from "
+                             f"{', '.join(repr(k) for k in INPUT_FEATURES)}")
 
     def layer_channels(self) -> list[tuple[int, int]]:
         """``(cin, cout)`` of every convolution, in the official order."""
-        cin = 2 * self.num_chan
+        cin = 2 * self.num_chan * INPUT_FEATURES[self.input_features]
         chans, skips = [], []
         for n in self.enc_nf:
             chans.append((cin, n))
@@ -63,21 +74,41 @@ class UNetConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+def mind_channels(x: torch.Tensor) -> torch.Tensor:
+    """Each channel of ``x`` (B, C, X, Y, Z) replaced by its six MIND descriptors
+    (B, 6 C, X, Y, Z), channel by channel.
+
+    >>> x = torch.rand(2, 2, 6, 6, 6)
+    >>> y = mind_channels(x)
+    >>> tuple(y.shape), bool(torch.allclose(y, mind_channels(1 - x), atol=1e-5))
+    ((2, 12, 6, 6, 6), True)
+    """
+    b, c = x.shape[:2]
+    return mind(x.reshape(b * c, 1, *x.shape[2:])).reshape(b, 6 * c, *x.shape[2:])
+
+
+def _inputs(kind: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    return mind_channels if kind == "mind" else None
+
+
 def unet_forward(x: torch.Tensor, convs: Sequence[Callable], levels: int,
-                 prepool: int = 1) -> torch.Tensor:
+                 prepool: int = 1, features: Callable | None = None) -> torch.Tensor:
     """The U-Net topology: ``levels`` x (conv, LeakyReLU, max-pool), ``levels`` x (conv,
     LeakyReLU, nearest upsampling, concat with the skip), extra convs with LeakyReLU and a
     final conv without activation. The raw input is never a skip connection.
 
     With ``prepool`` > 1 the input is average-pooled by that factor first and the output
     field upsampled back (trilinear, pooled voxel ``k`` centred on input voxel
-    ``p k + (p - 1) / 2``) and scaled to input voxels."""
+    ``p k + (p - 1) / 2``) and scaled to input voxels. ``features`` (optional) maps the
+    (pooled) input to what the first convolution sees."""
     if prepool > 1:
-        out = unet_forward(F.avg_pool3d(x, prepool), convs, levels)
+        out = unet_forward(F.avg_pool3d(x, prepool), convs, levels, features=features)
         up = F.interpolate(out, scale_factor=prepool, mode="trilinear", align_corners=False)
         scale = torch.ones(up.shape[1], dtype=up.dtype, device=up.device)
         scale[:3] = prepool  # velocities to input voxels; a lambda logit stays as it is
         return up * scale.view(1, -1, 1, 1, 1)
+    if features is not None:
+        x = features(x)
     skips = []
     for conv in convs[:levels]:
         x = leaky(conv(x))
@@ -133,7 +164,8 @@ class UNet(nn.Module):
         convs: list[Callable] = list(self.convs)
         if self.config.lambda_head:
             convs[-1] = lambda_head(self.convs[-1])
-        return unet_forward(x, convs, len(self.config.enc_nf), self.config.prepool)
+        return unet_forward(x, convs, len(self.config.enc_nf), self.config.prepool,
+                            _inputs(self.config.input_features))
 
 
 class HyperUNet(nn.Module):
@@ -160,7 +192,8 @@ class HyperUNet(nn.Module):
     def forward(self, x: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
         h = self.hyper_features(lam)
         convs = [lambda t, c=c: c(t, h) for c in self.convs]
-        return unet_forward(x, convs, len(self.config.enc_nf), self.config.prepool)
+        return unet_forward(x, convs, len(self.config.enc_nf), self.config.prepool,
+                            _inputs(self.config.input_features))
 
     @torch.no_grad()
     def specialize(self, lam: float) -> UNet:
