@@ -42,7 +42,7 @@ REFINE_CROP_MARGIN = 4
 @dataclass
 class NetworkOutput:
     out_1: np.ndarray | HalfResField
-    out_2: np.ndarray | HalfResField
+    out_2: np.ndarray | HalfResField | None  # None: the inverse was not asked for
     affine_1: np.ndarray  # the affine part of out_1 in full-resolution network indices
     stages: dict = field(default_factory=dict)  # intermediate arrays, for inspection
     # spatially varying models: the weight map on the mid-space half-resolution grid, and
@@ -184,13 +184,15 @@ def deformable_inputs(inp_1: torch.Tensor, inp_2: torch.Tensor,
 def run_deformable(unet: UNet, inp_1: torch.Tensor, inp_2: torch.Tensor, *, steps: int = 7,
                    detector: AffineDetector | None = None, keep: bool = False,
                    refine: int = 0, lam: float = 0.5, similarity: str = "ncc",
-                   refine_affine: int = 0, masks: Masks = (None, None)) -> NetworkOutput:
+                   refine_affine: int = 0, masks: Masks = (None, None),
+                   inverse: bool = True) -> NetworkOutput:
     """Deformable (``detector=None``: the inputs are already affinely aligned) or joint
     registration, with the deformable step in the affine mid-space. ``refine`` > 0
     optimises the network's SVF on the pair for that many steps (see
     :func:`~synthmorph_nipype.engine.refine.refine_svf`), ``refine_affine`` > 0 the
     detector's matrix first; both refinements count the similarity inside ``masks``
-    only (conformed like the images; None: everywhere)."""
+    only (conformed like the images; None: everywhere). ``inverse=False`` leaves
+    ``out_2`` None (its integration is the costliest step after the refinements)."""
     extent = inp_1.shape[0]
     stages: dict = {}
     def_1, def_2, half_aff_1, half_aff_2, affine_1 = deformable_inputs(
@@ -208,12 +210,15 @@ def run_deformable(unet: UNet, inp_1: torch.Tensor, inp_2: torch.Tensor, *, step
                                   crop_margin=REFINE_CROP_MARGIN,
                                   weight=lam_map, mask_1=mid[0], mask_2=mid[1])
         stages["refine_loss"] = history
-    disp_1, disp_2 = integrate_svf(svf, steps), integrate_svf(-svf, steps)
-    tot_1, tot_2 = _half_total(disp_1, half_aff_1), _half_total(disp_2, half_aff_2)
+    disp_1 = integrate_svf(svf, steps)
+    disp_2 = integrate_svf(-svf, steps) if inverse or keep else None
+    tot_1 = _half_total(disp_1, half_aff_1)
+    tot_2 = None if disp_2 is None else _half_total(disp_2, half_aff_2)
     if keep:
         stages |= {"half_aff_1": half_aff_1, "half_aff_2": half_aff_2, "def_inp_1": def_1,
                    "def_inp_2": def_2, "svf_1": svf, "half_def_1": disp_1,
                    "half_def_2": disp_2, "half_tot_1": tot_1, "half_tot_2": tot_2}
     del disp_1, disp_2, svf
-    return NetworkOutput(HalfResField(tot_1, extent), HalfResField(tot_2, extent), affine_1,
+    return NetworkOutput(HalfResField(tot_1, extent),
+                         HalfResField(tot_2, extent) if inverse else None, affine_1,
                          stages, lam_map, None if lam_map is None else half_aff_2)

@@ -164,7 +164,7 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
     out = run_deformable(models.deform, inp_1, inp_2, steps=steps, detector=detector,
                          refine=refine, lam=lam, similarity=similarity,
                          refine_affine=refine_affine if detector is not None else 0,
-                         masks=masks)
+                         masks=masks, inverse="inverse" in outputs)
     if "refine_affine_loss" in out.stages:
         info["refine_affine_loss"] = out.stages["refine_affine_loss"]
     if refine:
