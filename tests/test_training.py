@@ -472,3 +472,29 @@ def test_checkpoints_from_before_new_settings_still_resume(tmp_path):
                     log=io.StringIO())
     with pytest.raises(ValueError, match="made with other settings \\(lr\\)"):
         other.resume()
+
+
+def test_training_a_unet_on_mind_descriptors(tmp_path):
+    """``input_features = "mind"`` in a configuration's widths: the trainer builds the U-Net
+    on 12 input channels, trains and exports it (prepool 2 for a 4 mm grid), and the
+    engine runs the exported network with the MIND inputs it was trained on."""
+    from synthmorph_nipype.engine.network import run_deformable
+    from synthmorph_nipype.models.checkpoint import load_checkpoint
+
+    toml = tmp_path / "mind.toml"
+    toml.write_text('model = "joint"\n[widths]\ninput_features = "mind"\n')
+    assert read_config(toml).model_config().input_features == "mind"
+    config = tiny_config("joint", voxel_mm=4.0, widths={**TINY["joint"],
+                                                        "input_features": "mind"})
+    trainer = Trainer(config, tmp_path / "run", log=io.StringIO())
+    assert trainer.task.model.convs[0].kernel(trainer.task.model.hyper_features(0.5))[
+        0].shape[1] == 12
+    before = {k: v.clone() for k, v in trainer.task.model.state_dict().items()}
+    trainer.run(progress=False)
+    after = trainer.task.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    exported = load_checkpoint(tmp_path / "run" / "model.pt")["deform"]
+    assert exported.config.input_features == "mind" and exported.config.prepool == 2
+    full_1, full_2 = torch.rand(2, 64, 64, 64).unbind(0)
+    out = run_deformable(exported.specialize(0.5), full_1, full_2, steps=3)
+    assert np.isfinite(out.out_1.full().numpy()).all()
