@@ -640,7 +640,7 @@ def test_unet_on_mind_descriptors(tmp_path):
     channels), so its field is the same for a pair whose contrast is inverted and differs
     from the intensity U-Net's; prepool computes them on the pooled grid; the setting
     survives a checkpoint; an unknown kind is refused."""
-    from synthmorph_nipype.models.joint import mind_channels
+    from synthmorph_nipype.models.layers import mind_channels
 
     config = dataclasses.replace(TINY_UNET, input_features="mind")
     assert config.layer_channels()[0][0] == 12 and TINY_UNET.layer_channels()[0][0] == 2
@@ -671,3 +671,33 @@ def test_unet_on_mind_descriptors(tmp_path):
         assert torch.allclose(unet(x), out, atol=1e-5)
     with pytest.raises(ValueError, match="unknown input features 'sobel'"):
         dataclasses.replace(TINY_UNET, input_features="sobel")
+
+
+def test_detector_on_mind_descriptors(tmp_path):
+    """A detector with ``input_features="mind"`` sees six MIND descriptors per image: its
+    first convolution takes 6 channels (the intensity detector's 1) and receives the
+    descriptors, the same for the contrast inverted, so its features stay too; a
+    checkpoint keeps the setting."""
+    config = dataclasses.replace(TINY_AFFINE, input_features="mind")
+    torch.manual_seed(1)
+    det, plain = AffineDetector(config), AffineDetector(TINY_AFFINE)
+    assert det.enc[0].in_channels == 6 and plain.enc[0].in_channels == 1
+    i = torch.linspace(0, 1, 32)
+    img = (i.view(-1, 1, 1) * (0.5 + 0.5 * i.view(1, -1, 1)) + 0.2 * i.view(1, 1, -1))
+    img = (img / img.max() + 0.05 * torch.rand(32, 32, 32))[None, None]
+    from synthmorph_nipype.models.layers import mind_channels
+
+    seen = []
+    hook = det.enc[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        assert torch.allclose(det.features(img), det.features(1 - img), atol=1e-4)
+    hook.remove()
+    assert torch.allclose(seen[0], mind_channels(img)) and seen[0].std() > 0.01
+    assert torch.allclose(seen[0], seen[1], atol=1e-4)  # the inverted image looks the same
+    save_checkpoint(tmp_path / "det.pt", affine=det)
+    loaded = load_checkpoint(tmp_path / "det.pt")["affine"]
+    assert loaded.config.input_features == "mind"
+    with torch.no_grad():
+        assert torch.equal(loaded.features(img), det.features(img))
+    with pytest.raises(ValueError, match="unknown input features 'edges'"):
+        dataclasses.replace(TINY_AFFINE, input_features="edges")

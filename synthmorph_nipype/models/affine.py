@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import conv3, leaky
+from .layers import INPUT_FEATURES, conv3, input_features, leaky
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,11 @@ class AffineConfig:
     # average-pool the (half-resolution) input by this factor before the encoder: the
     # embedded detector was trained on a 4 mm grid and sees the engine's 2 mm grid pooled
     prepool: int = 1
+    # "mind": the detector sees each image's MIND descriptors (models.layers.INPUT_FEATURES)
+    input_features: str = ""
+
+    def __post_init__(self):
+        input_features(self.input_features)  # known kind, or ValueError
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -60,7 +65,7 @@ class AffineDetector(nn.Module):
     def __init__(self, config: AffineConfig | None = None):
         super().__init__()
         self.config = config = config or AffineConfig()
-        cin = config.num_chan
+        cin = config.num_chan * INPUT_FEATURES[config.input_features]
         self.enc = nn.ModuleList()
         skips = []
         for n in config.enc_nf:
@@ -81,6 +86,9 @@ class AffineDetector(nn.Module):
         """Feature maps ``(N, num_feat, ...)`` of a channels-first batch ``x``."""
         if self.config.prepool > 1:
             x = F.avg_pool3d(x, self.config.prepool)
+        seen = input_features(self.config.input_features)
+        if seen is not None:
+            x = seen(x)
         skips = []
         for conv in self.enc:
             x = leaky(conv(x))

@@ -16,12 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.similarity import mind
-from .layers import HyperConv3d, conv3, leaky
-
-#: what the U-Net may see of each image channel, and how many channels that makes: the
-#: intensities (SynthMorph) or their six MIND descriptors (on the network's own grid)
-INPUT_FEATURES = {"": 1, "mind": 6}
+from .layers import INPUT_FEATURES, HyperConv3d, conv3, input_features, leaky
 
 
 @dataclass(frozen=True)
@@ -46,9 +41,7 @@ class UNetConfig:
     def __post_init__(self):
         if len(self.enc_nf) != len(self.dec_nf):
             raise ValueError("the encoder and decoder need the same number of levels")
-        if self.input_features not in INPUT_FEATURES:
-            raise ValueError(f"unknown input features {self.input_features!r}, choose from "
-                             f"{', '.join(repr(k) for k in INPUT_FEATURES)}")
+        input_features(self.input_features)  # known kind, or ValueError
 
     def layer_channels(self) -> list[tuple[int, int]]:
         """``(cin, cout)`` of every convolution, in the official order."""
@@ -72,23 +65,6 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
-def mind_channels(x: torch.Tensor) -> torch.Tensor:
-    """Each channel of ``x`` (B, C, X, Y, Z) replaced by its six MIND descriptors
-    (B, 6 C, X, Y, Z), channel by channel.
-
-    >>> x = torch.rand(2, 2, 6, 6, 6)
-    >>> y = mind_channels(x)
-    >>> tuple(y.shape), bool(torch.allclose(y, mind_channels(1 - x), atol=1e-5))
-    ((2, 12, 6, 6, 6), True)
-    """
-    b, c = x.shape[:2]
-    return mind(x.reshape(b * c, 1, *x.shape[2:])).reshape(b, 6 * c, *x.shape[2:])
-
-
-def _inputs(kind: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    return mind_channels if kind == "mind" else None
 
 
 def unet_forward(x: torch.Tensor, convs: Sequence[Callable], levels: int,
@@ -165,7 +141,7 @@ class UNet(nn.Module):
         if self.config.lambda_head:
             convs[-1] = lambda_head(self.convs[-1])
         return unet_forward(x, convs, len(self.config.enc_nf), self.config.prepool,
-                            _inputs(self.config.input_features))
+                            input_features(self.config.input_features))
 
 
 class HyperUNet(nn.Module):
@@ -193,7 +169,7 @@ class HyperUNet(nn.Module):
         h = self.hyper_features(lam)
         convs = [lambda t, c=c: c(t, h) for c in self.convs]
         return unet_forward(x, convs, len(self.config.enc_nf), self.config.prepool,
-                            _inputs(self.config.input_features))
+                            input_features(self.config.input_features))
 
     @torch.no_grad()
     def specialize(self, lam: float) -> UNet:

@@ -1,10 +1,41 @@
-"""Convolution layers whose weights may come from a hypernetwork."""
+"""Convolution layers whose weights may come from a hypernetwork, and what the networks
+may see of their input images."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..ops.similarity import mind
+
+#: what a network may see of each image channel, and how many channels that makes: the
+#: intensities (SynthMorph) or their six MIND descriptors (on the network's own grid)
+INPUT_FEATURES = {"": 1, "mind": 6}
+
+
+def mind_channels(x: torch.Tensor) -> torch.Tensor:
+    """Each channel of ``x`` (B, C, X, Y, Z) replaced by its six MIND descriptors
+    (B, 6 C, X, Y, Z), channel by channel.
+
+    >>> x = torch.rand(2, 2, 6, 6, 6)
+    >>> y = mind_channels(x)
+    >>> tuple(y.shape), bool(torch.allclose(y, mind_channels(1 - x), atol=1e-5))
+    ((2, 12, 6, 6, 6), True)
+    """
+    b, c = x.shape[:2]
+    return mind(x.reshape(b * c, 1, *x.shape[2:])).reshape(b, 6 * c, *x.shape[2:])
+
+
+def input_features(kind: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The map from input images to what a network's first convolution sees
+    (:data:`INPUT_FEATURES`; None: the intensities themselves)."""
+    if kind not in INPUT_FEATURES:
+        raise ValueError(f"unknown input features {kind!r}, choose from "
+                         f"{', '.join(repr(k) for k in INPUT_FEATURES)}")
+    return mind_channels if kind == "mind" else None
 
 
 def conv3(cin: int, cout: int) -> nn.Conv3d:
