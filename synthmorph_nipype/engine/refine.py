@@ -352,7 +352,9 @@ def refine_matrix(matrix: np.ndarray, image_1: torch.Tensor, image_2: torch.Tens
 
     Each step compares ``points`` random voxels per direction, drawn inside each grid's
     mask (as elastix's and ANTs' sampled metrics; ``seed`` makes the draws repeatable),
-    so a step costs the same on every level. What is compared - MIND descriptors
+    or without one within :data:`POINT_MARGIN` voxels of the image's content, so a step
+    costs the same on every level; the feature volumes cover that box only (plus
+    :data:`HALO`). What is compared - MIND descriptors
     (``similarity="mind"``) or intensities (``"mse"``) - is computed from each image
     moved by the matrix as it stands, and every :data:`ANCHOR` steps again: in between,
     the steps' small change of the matrix moves the computed features (MIND's neighbour
