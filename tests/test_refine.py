@@ -261,7 +261,6 @@ def test_matrix_refinement_box_maps_coordinates_exactly():
     into the box equals the box cut from the image pulled onto the whole grid, and a
     point sampled from a box volume reads what the whole volume has there."""
     from synthmorph_nipype.engine.refine import _boxes, _draw, _gather, _pull, _sample_at
-    from synthmorph_nipype.ops.grid import normalised_matrix
 
     shape = (40, 37, 43)
     image = torch.zeros(1, 1, *shape)
@@ -276,9 +275,8 @@ def test_matrix_refinement_box_maps_coordinates_exactly():
     whole, cut = _pull(image, matrix), _pull(image, matrix, box)
     assert torch.allclose(box.crop(whole), cut, atol=1e-5)
     assert float(cut.abs().max()) > 0.1  # the pulled content lies in the box
-    norm = torch.as_tensor(normalised_matrix(shape)[:3], dtype=torch.float32)
     candidates = torch.arange(int(np.prod(box.shape)))
-    flat, points = _draw(candidates, 500, torch.Generator().manual_seed(0), box, norm)
+    flat, points = _draw(candidates, 500, torch.Generator().manual_seed(0), box)
     # a drawn voxel's flat index (in the box) and its coordinates (on the grid) agree
     assert torch.allclose(_gather(cut, flat), _sample_at(whole, points), atol=1e-5)
     moved = points + 0.01 * torch.randn(points.shape)  # off the voxel centres

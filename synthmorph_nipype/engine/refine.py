@@ -235,8 +235,9 @@ def _moved(mask: torch.Tensor | None, points: torch.Tensor) -> torch.Tensor | No
 class _Box:
     """Where the affine refinement works on one pooled grid of ``shape``: the voxels its
     points are drawn from (``inner``: the grid's content box) and the larger box its
-    feature volumes cover (``slices``: ``inner`` grown by :data:`HALO`, clipped), with
-    the maps between the grid's and the box's normalised coordinates."""
+    feature volumes cover (``slices``: ``inner`` grown by ``halo``, clipped), with the
+    maps from the box's indices and normalised coordinates to the grid's normalised
+    coordinates."""
 
     def __init__(self, inner: tuple[slice, ...], shape, halo: int):
         self.slices = tuple(slice(max(0, b.start - halo), min(int(n), b.stop + halo))
@@ -244,14 +245,13 @@ class _Box:
         self.inner = tuple(slice(b.start - f.start, b.stop - f.start)
                            for b, f in zip(inner, self.slices, strict=True))
         self.shape = [f.stop - f.start for f in self.slices]
-        # box normalised -> grid normalised, per axis c = a u + b (align_corners)
-        m = torch.eye(4, dtype=torch.float64)
-        for axis, (f, n) in enumerate(zip(self.slices, shape, strict=True)):
-            length, n = max(f.stop - f.start - 1, 1), max(int(n) - 1, 1)
-            m[axis, axis] = length / n
-            m[axis, 3] = (2 * f.start + length) / n - 1
-        self.from_box = m.float()
-        self.to_box = torch.linalg.inv(m).float()
+        start = np.eye(4)
+        start[:3, 3] = [f.start for f in self.slices]  # box index -> grid index
+        index = normalised_matrix(shape) @ start
+        from_box = index @ np.linalg.inv(normalised_matrix(self.shape))
+        self.index = torch.as_tensor(index[:3], dtype=torch.float32)
+        self.from_box = torch.as_tensor(from_box, dtype=torch.float32)
+        self.to_box = torch.as_tensor(np.linalg.inv(from_box), dtype=torch.float32)
 
     def crop(self, x: torch.Tensor | None) -> torch.Tensor | None:
         """``x`` (1, C, X, Y, Z) cut to the box."""
@@ -386,7 +386,6 @@ def refine_matrix(matrix: np.ndarray, image_1: torch.Tensor, image_2: torch.Tens
         f2 = _point_features(similarity, b2.crop(x2))
         c1, c2 = b1.crop(k1), b2.crop(k2)
         p, c = _pool_matrix(pool), normalised_matrix(x1.shape[2:])
-        norm = torch.as_tensor(c[:3], dtype=dtype, device=dev)
         # the points a step compares: voxels of each box's inner part, inside the mask
         pool_1, pool_2 = (_candidates(k, b, dev) for k, b in ((c1, b1), (c2, b2)))
         # the matrix in normalised pooled coordinates; refinement composes an increment
@@ -420,8 +419,8 @@ def refine_matrix(matrix: np.ndarray, image_1: torch.Tensor, image_2: torch.Tens
                 d = _increment(params, shift, rigid)
                 # image 2 onto image 1 through D^-1 B^-1 = B^-1 (B D^-1 B^-1)
                 e = base @ torch.linalg.inv(d) @ back
-                v2, p2 = _draw(pool_2, points, gen, b2, norm)  # voxels of image 2's grid
-                v1, p1 = _draw(pool_1, points, gen, b1, norm)
+                v2, p2 = _draw(pool_2, points, gen, b2)  # voxels of image 2's grid
+                v1, p1 = _draw(pool_1, points, gen, b1)
                 at_1, at_2 = p2 @ d[:3, :3].T + d[:3, 3], p1 @ e[:3, :3].T + e[:3, 3]
                 w_2 = _point_weights(c2, h1, v2, at_1, base, b2)
                 w_1 = _point_weights(c1, h2, v1, at_2, back, b1)
@@ -447,17 +446,17 @@ def _candidates(mask: torch.Tensor | None, box: _Box, device) -> torch.Tensor:
     return torch.nonzero(where.flatten())[:, 0]
 
 
-def _draw(candidates: torch.Tensor, count: int, gen: torch.Generator, box: _Box,
-          norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _draw(candidates: torch.Tensor, count: int, gen: torch.Generator, box: _Box
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` voxels drawn from ``candidates`` (flat indices of ``box``'s volume; with
     replacement, in memory order, which keeps the sampling cache-friendly) and their
-    normalised coordinates on the whole grid (``norm``: its index -> normalised rows)."""
+    normalised coordinates on the whole grid."""
     pick = torch.randint(len(candidates), (count,), generator=gen).to(candidates.device)
     flat = candidates[pick].sort().values
     _, ny, nz = box.shape
     ijk = torch.stack([flat // (ny * nz), flat // nz % ny, flat % nz], 1)
-    ijk = (ijk + torch.tensor([b.start for b in box.slices], device=ijk.device)).to(norm.dtype)
-    return flat, ijk @ norm[:, :3].T + norm[:, 3]
+    m = box.index.to(ijk.device)
+    return flat, ijk.to(m.dtype) @ m[:, :3].T + m[:, 3]
 
 
 def _gather(vol: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
