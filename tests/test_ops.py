@@ -1,5 +1,6 @@
 """Tests of the functional building blocks in ``synthmorph_nipype.ops``: rotations, the
-coordinate frames of a grid, matrix functions, integration and sampling."""
+coordinate frames of a grid, matrix functions, integration, sampling and the refinement's
+optimiser."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from synthmorph_nipype.ops.grid import (
 )
 from synthmorph_nipype.ops.integrate import integrate_svf
 from synthmorph_nipype.ops.linalg import rotation_exp, sqrtm
+from synthmorph_nipype.ops.optim import Adam
 from synthmorph_nipype.ops.rotation import axis_angle, rotation, rotation_angle
 from synthmorph_nipype.ops.sampling import (
     axis_permutation,
@@ -289,3 +291,29 @@ def test_similarities_are_the_vocabularys():
     from synthmorph_nipype.vocabulary import IMAGE_SIMILARITIES
 
     assert tuple(TABLE) == IMAGE_SIMILARITIES
+
+
+def test_adam_takes_torchs_steps_under_a_schedule():
+    """The refinement's Adam against torch.optim.Adam (the reference) on a non-quadratic
+    loss of two tensors, the rate changed every step, one tensor without a gradient at
+    times: the same parameters at every step, and a parameter without grad unmoved."""
+    gen = torch.Generator().manual_seed(3)
+    start = [torch.randn(5, 4, generator=gen), torch.randn(3, generator=gen)]
+    ours = [t.clone().requires_grad_(True) for t in start]
+    ref = [t.clone().requires_grad_(True) for t in start]
+    opt, opt_ref = Adam(ours, lr=0.05), torch.optim.Adam(ref, lr=0.05)
+    for step in range(40):
+        opt.lr = opt_ref.param_groups[0]["lr"] = 0.05 * (1 - step / 50)
+        for x, o in ((ours, opt), (ref, opt_ref)):
+            o.zero_grad()
+            loss = (x[0] ** 3).sum()
+            if step % 3:  # the second tensor gets no gradient every third step
+                loss = loss + (x[1] * x[0][0, :3]).exp().sum()
+            loss.backward()
+            o.step()
+        for a, b in zip(ours, ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(ours[0], start[0]) and not torch.equal(ours[1], start[1])
+    frozen = torch.ones(2, requires_grad=True)
+    Adam([frozen], lr=1.0).step()
+    assert torch.equal(frozen, torch.ones(2))

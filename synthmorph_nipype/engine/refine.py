@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ..ops.grid import REVERSED, normalised_matrix, voxel_grid
 from ..ops.integrate import integrate_svf
 from ..ops.linalg import rotation_exp
+from ..ops.optim import Adam
 from ..ops.regularity import grad_l2, weighted_grad_l2
 from ..ops.sampling import sample_linear
 from ..ops.similarity import IMAGE_SIMILARITIES, feature_loss, features, fixed_similarity, image_mse
@@ -161,7 +162,7 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
     compare = _symmetric_similarity(similarity, image_1, image_2, warp_features)
     w = None if weight is None else weight[None, None].to(svf)
     velocity = svf.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([velocity], lr=lr)
+    opt = Adam([velocity], lr=lr)
     history = []
     with torch.enable_grad():
         for _ in range(iterations):
@@ -182,7 +183,7 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
                 smooth = (weighted_grad_l2(u1, w) + weighted_grad_l2(u2, w)) / 6
             loss = (1 - lam) * similarity_term + lam * _smooth_share * smooth
             history.append(float(loss.detach()))
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
             if not exact_gradient:  # d exp(v) / dv ~ identity, d exp(-v) / dv ~ -identity
                 velocity.grad = d1.grad - d2.grad
@@ -396,7 +397,7 @@ def refine_matrix(matrix: np.ndarray, image_1: torch.Tensor, image_2: torch.Tens
         params = torch.zeros(3 if rigid else 9, dtype=dtype, device=dev, requires_grad=True)
         shift = torch.zeros(3, dtype=dtype, device=dev, requires_grad=True)
         rate = lr * pool / pools[0]  # finer levels take smaller steps
-        opt = torch.optim.Adam([params, shift], lr=rate)
+        opt = Adam([params, shift], lr=rate)
         with torch.enable_grad():
             for step in range(count):
                 # constant for two thirds of the level (the matrix travels), then falling
@@ -404,7 +405,7 @@ def refine_matrix(matrix: np.ndarray, image_1: torch.Tensor, image_2: torch.Tens
                 # an inter-subject pair ended ~3 mm apart when only the rounding changed
                 # (1 or 2 threads), with the decay 1.4 mm, and the Dice of both rose
                 late = max(0.0, 3 * step / count - 2)  # the last third of the level
-                opt.param_groups[0]["lr"] = rate * 0.5 * (1 + math.cos(math.pi * late))
+                opt.lr = rate * 0.5 * (1 + math.cos(math.pi * late))
                 if step % ANCHOR == 0:
                     with torch.no_grad():  # features of the images moved as the matrix stands
                         base = base @ _increment(params, shift, rigid)
@@ -427,7 +428,7 @@ def refine_matrix(matrix: np.ndarray, image_1: torch.Tensor, image_2: torch.Tens
                 loss = 0.5 * (compare(_sample_at(g1, b2.local(at_1)), _gather(f2, v2), w_2)
                               + compare(_sample_at(g2, b1.local(at_2)), _gather(f1, v1), w_1))
                 history.append(float(loss.detach()))
-                opt.zero_grad(set_to_none=True)
+                opt.zero_grad()
                 loss.backward()
                 opt.step()
         with torch.no_grad():
