@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--refine-affine", type=int, default=0)
     parser.add_argument("--refine", type=int, default=0)
     parser.add_argument("--refine-similarity", choices=("ncc", "mse", "mind"))
+    parser.add_argument("--refine-lambda", type=float)
     parser.add_argument("--affine-weights", help="joint: the detector to bundle")
     args = parser.parse_args(argv)
     config = read_config(args.config)
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"{args.run}: no checkpoint.pt")
     metrics = trainer.validate()
     extra = {f"val_{k}": round(v, 5) for k, v in metrics.items()}
-    for key in ("refine_affine", "refine", "refine_similarity"):
+    for key in ("refine_affine", "refine", "refine_similarity", "refine_lambda"):
         if getattr(args, key):
             extra[key] = getattr(args, key)
     trainer.export(path=args.out, extra=extra)

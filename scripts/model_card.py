@@ -120,7 +120,7 @@ def main(runs: list[str], previous: Path | None = None) -> None:
            "synthmorph train --config configs/embedded_joint_mind.toml --out runs/joint_mind",
            "python scripts/export_embedded.py configs/embedded_joint_mind.toml \\",
            "    runs/joint_mind synthmorph_nipype/data/synthmorph_nipype.joint.pt \\",
-           "    --refine 45 --refine-similarity mind",
+           "    --refine 45 --refine-similarity mind --refine-lambda 0.85",
            "```", "",
            "**How they are used.** Trained on a 2-core CPU (the GPU machine was never lent "
            "to this project's training sessions), the networks are small and short-trained: "
@@ -129,11 +129,13 @@ def main(runs: list[str], previous: Path | None = None) -> None:
            "intensities: `input_features`) alone reaches a Dice of 0.44-0.58 between "
            "held-out subjects, where a classical affine gives ~0.58 and ANTsPy SyN 0.52-0.69. "
            "So each model records the test-time refinement it needs "
-           "(`refine_affine`, `refine`, `refine_similarity` in its metadata) and "
+           "(`refine_affine`, `refine`, `refine_similarity`, `refine_lambda` in its "
+           "metadata) and "
            "`synthmorph register` applies it unless told otherwise (`--refine-affine 0 "
            "--refine 0` gives the networks alone): Adam steps of a symmetric MIND similarity "
            "on the affine matrix on 8,192 random voxels per step, N steps at 4 mm and N/2 at "
-           "2 mm, and 45 steps of MIND + lambda x Grad-l2 on the velocity field at 4 mm. "
+           "2 mm, and 45 steps of (1 - lambda) MIND + lambda Grad-l2 (lambda 0.85) on the "
+           "velocity field at 4 mm. "
            "Figures "
            "against ANTsPy and elastix are in docs/benchmarks.md (`benchmarks/accuracy.py`, "
            "`benchmarks/heldout.py`): on par with ANTsPy SyN for T1 subject-to-template and "

@@ -5,7 +5,8 @@
 
 ``synthmorph register`` applies a model's recommendation unless told otherwise
 (``refine_affine``: steps at 4 mm, half as many at 2 mm; ``refine``: deformable steps;
-``refine_similarity``); benchmarks choose the figures, this records them.
+``refine_similarity``; ``refine_lambda``: the deformable refinement's smoothness
+weight); benchmarks choose the figures, this records them.
 """
 
 from __future__ import annotations
@@ -23,17 +24,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--refine", type=int)
     parser.add_argument("--refine-affine", type=int)
     parser.add_argument("--refine-similarity", choices=("ncc", "mse", "mind"))
+    parser.add_argument("--refine-lambda", type=float)
     args = parser.parse_args(argv)
     model = load_checkpoint(args.weights)
     meta = dict(model["meta"])
-    for key in ("refine", "refine_affine", "refine_similarity"):
+    for key in ("refine", "refine_affine", "refine_similarity", "refine_lambda"):
         if getattr(args, key) is not None:
             meta[key] = getattr(args, key)
     with OutputSet() as out:
         save_checkpoint(out.temp(args.weights), meta=meta, affine=model["affine"],
                         deform=model["deform"])
     print(f"{args.weights}: recommends " + ", ".join(
-        f"{k} {meta[k]}" for k in ("refine_affine", "refine", "refine_similarity") if k in meta))
+        f"{k} {meta[k]}" for k in ("refine_affine", "refine", "refine_similarity", "refine_lambda")
+        if k in meta))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,11 @@ import torch.nn.functional as F
 
 from synthmorph_nipype.cli.main import main
 from synthmorph_nipype.engine.refine import content_box, refine_matrix, refine_svf
+from synthmorph_nipype.engine.register import register
+from synthmorph_nipype.engine.weights import load_models
+from synthmorph_nipype.errors import SynthMorphError
 from synthmorph_nipype.interfaces import SynthMorphRegister
+from synthmorph_nipype.models.checkpoint import load_checkpoint, save_checkpoint
 from synthmorph_nipype.ops.grid import voxel_grid
 from synthmorph_nipype.ops.integrate import integrate_svf
 from synthmorph_nipype.ops.regularity import grad_sq
@@ -165,11 +169,57 @@ def test_refine_from_the_command_line(nipype_pair, tmp_path, capsys):
     assert not (tmp_path / "a.txt").exists()
 
 
+def test_refine_lambda_smooths_and_comes_from_the_weights(nipype_pair, tmp_path, capsys):
+    """The refinement's smoothness weight: the weights' ``refine_lambda`` is the default
+    (recorded in the result), an explicit one wins, a larger one gives a smoother field,
+    and the command line passes it through (and rejects one outside (0, 1))."""
+    model = load_checkpoint(nipype_pair["weights"])
+    advised = tmp_path / "advised.pt"
+    save_checkpoint(advised, meta={**model["meta"], "refine_lambda": 0.9},
+                    affine=model["affine"], deform=model["deform"])
+    models = load_models("joint", [advised])
+    assert models.refine_lambda == 0.9
+    assert load_models("joint", [nipype_pair["weights"]]).refine_lambda is None
+    moving, fixed = nb.load(nipype_pair["moving"]), nb.load(nipype_pair["fixed"])
+
+    def roughness(**kwargs):  # of the whole field on the fixed grid
+        result = register(moving, fixed, models, mode="joint", extent=192, refine=20,
+                          refine_affine=0, similarity="ncc", outputs=("forward",), **kwargs)
+        field = result.forward.transforms[1].field
+        return result.info["refine_lambda"], float(sum(
+            (np.diff(field, axis=a) ** 2).mean() for a in range(3)))
+
+    lam_default, rough_default = roughness()
+    lam_low, rough_low = roughness(refine_lambda=0.05)
+    assert (lam_default, lam_low) == (0.9, 0.05)
+    # the tiny random network's field is rough: the refinement smooths it more with 0.9
+    assert rough_default < 0.97 * rough_low, (rough_default, rough_low)
+    assert register(moving, fixed, models, mode="joint", extent=192, refine=1,
+                    refine_affine=0, lam=0.05, outputs=("forward",)
+                    ).info["refine_lambda"] == 0.9  # -r does not override the weights' advice
+    with pytest.raises(SynthMorphError, match="smoothness weight"):
+        register(moving, fixed, models, mode="joint", extent=192, refine=1,
+                 refine_lambda=1.0)
+    base = ["register", "-m", "joint", "-e", "192", "-j", "1", "-w", str(advised),
+            "--refine", "2", str(nipype_pair["moving"]), str(nipype_pair["fixed"]),
+            "-t", str(tmp_path / "f.h5")]
+    assert main(base) == 0
+    assert "in 2 steps (lambda 0.9)" in capsys.readouterr().out
+    assert main(base + ["--refine-lambda", "0.3"]) == 0
+    assert "in 2 steps (lambda 0.3)" in capsys.readouterr().out
+    (tmp_path / "f.h5").unlink()
+    with pytest.raises(SystemExit):
+        main(base + ["--refine-lambda", "1.5"])
+    assert "--refine-lambda" in capsys.readouterr().err
+    assert not (tmp_path / "f.h5").exists()
+
+
 def test_refine_in_the_interface(nipype_pair):
     reg = SynthMorphRegister(moving_image=str(nipype_pair["moving"]),
                              fixed_image=str(nipype_pair["fixed"]), refine=50,
-                             refine_similarity="ncc")
+                             refine_similarity="ncc", refine_lambda=0.8)
     assert "--refine 50" in reg.cmdline and "--refine-similarity ncc" in reg.cmdline
+    assert "--refine-lambda 0.8" in reg.cmdline
     assert "--refine" not in SynthMorphRegister(
         moving_image=str(nipype_pair["moving"]), fixed_image=str(nipype_pair["fixed"])).cmdline
     reg.inputs.refine_affine = 0  # off, rather than what the weights recommend

@@ -52,7 +52,8 @@ def config(image_dir, weights, **changes) -> TrainConfig:
 def test_fine_tuning_improves_the_image_similarity(image_dir, tiny_weights, tmp_path):
     # a starting model that recommends test-time refinement
     start = load_checkpoint(tiny_weights["joint"])
-    advice = {"refine_affine": 3, "refine": 7, "refine_similarity": "mind"}
+    advice = {"refine_affine": 3, "refine": 7, "refine_similarity": "mind",
+              "refine_lambda": 0.8}
     save_checkpoint(tmp_path / "start.pt", meta={**start["meta"], **advice},
                     affine=start["affine"], deform=start["deform"])
     # trained on 48^3 cubes cut from the 96^3 pairs (validated on whole pairs)

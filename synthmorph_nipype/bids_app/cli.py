@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--refine-affine", type=non_negative, metavar="N",
                    help="test-time refinement steps of the affine (default: what the weights "
                    "recommend)")
+    r.add_argument("--refine-lambda", type=regularization, metavar="LAMBDA",
+                   help="smoothness weight of the refinement, in (0, 1) (default: what the "
+                   "weights recommend, else --regularization)")
     r.add_argument("--refine-similarity", choices=IMAGE_SIMILARITIES,
                    help="image similarity of the refinement (default: what the weights "
                    "recommend, else ncc)")

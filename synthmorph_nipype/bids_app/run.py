@@ -67,6 +67,8 @@ def run_participant(args) -> int:
     refine = models.refine if args.refine is None else args.refine
     refine_affine = models.refine_affine if args.refine_affine is None else args.refine_affine
     similarity = args.refine_similarity or models.refine_similarity
+    refine_lambda = next(v for v in (args.refine_lambda, models.refine_lambda,
+                                     args.regularization) if v is not None)
     work = Path(args.work_dir).resolve()
     try:
         template = resolve_template(args.template, work / "templates")
@@ -83,7 +85,7 @@ def run_participant(args) -> int:
         mode=args.mode, regularization=args.regularization, weights=weights,
         weights_info=info, use_gpu=args.use_gpu, omp_nthreads=_omp(args),
         extent=args.extent, refine=refine, refine_similarity=similarity,
-        refine_affine=refine_affine,
+        refine_affine=refine_affine, refine_lambda=refine_lambda,
         write_lambda=models.deform is not None and models.deform.config.lambda_head)
     wf.base_dir = str(work)
     crashdir = output_dir / "logs"

@@ -129,8 +129,11 @@ def register(args: argparse.Namespace) -> None:
     spatial = models.deform is not None and models.deform.config.lambda_head
     if args.lam is not None and spatial:
         names = ", ".join(map(str, files))
+        effect = ("has no effect (the refinement's weight is the weights' advice, "
+                  "--refine-lambda)" if models.refine_lambda is not None
+                  else "only weights the test-time refinement")
         print(f"synthmorph register: warning: {names} predicts its own regularisation map; "
-              "-r only weights the test-time refinement", file=sys.stderr)
+              f"-r {effect}", file=sys.stderr)
     if args.out_lambda and not spatial:
         raise SynthMorphError(f"{args.out_lambda}: the {args.mode} model has no spatially "
                               "varying regularisation (no lambda map to write)")
@@ -151,7 +154,7 @@ def register(args: argparse.Namespace) -> None:
                     if wanted)
     result = run_register(moving, fixed, models, mode=args.mode, extent=args.extent,
                           steps=args.steps, init=init, device=device, outputs=outputs,
-                          refine=args.refine, lam=lam,
+                          refine=args.refine, lam=lam, refine_lambda=args.refine_lambda,
                           similarity=args.refine_similarity,
                           refine_affine=args.refine_affine, moving_mask=moving_mask,
                           fixed_mask=fixed_mask)
@@ -182,7 +185,8 @@ def register(args: argparse.Namespace) -> None:
     if "refine_loss" in result.info:
         losses = result.info["refine_loss"]
         print(f"synthmorph register: refinement ({result.info['refine_similarity']}) loss "
-              f"{losses[0]:.4f} -> {losses[-1]:.4f} in {result.info['refine']} steps")
+              f"{losses[0]:.4f} -> {losses[-1]:.4f} in {result.info['refine']} steps "
+              f"(lambda {result.info['refine_lambda']:g})")
 
 
 def apply(args: argparse.Namespace) -> None:

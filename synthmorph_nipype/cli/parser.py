@@ -55,7 +55,9 @@ def build_parser() -> Parser:
                      "-x: e.g. a brain mask against a head")
     reg.add_argument("--moving-mask", metavar="MASK", help="the same for MOVING")
     reg.add_argument("-r", "--regularization", dest="lam", type=regularization, default=None,
-                     metavar="LAMBDA", help="regularization weight in (0, 1) (default: 0.5)")
+                     metavar="LAMBDA", help="regularization weight in (0, 1) of the network "
+                     "(hyper-networks), and of the refinement when the weights recommend "
+                     "none (default: 0.5)")
     reg.add_argument("-n", "--steps", type=integration_steps, default=7,
                      help=f"integration steps, 0..{MAX_STEPS} (default: 7)")
     reg.add_argument("-e", "--extent", type=extent, default=256,
@@ -71,6 +73,10 @@ def build_parser() -> Parser:
     reg.add_argument("--refine-similarity", choices=IMAGE_SIMILARITIES,
                      help="image similarity of the refinement: local NCC, MSE, or MIND "
                      "across contrasts (default: what the weights recommend, else ncc)")
+    reg.add_argument("--refine-lambda", type=regularization, metavar="LAMBDA",
+                     help="smoothness weight in (0, 1) of the refinement's objective "
+                     "(1 - LAMBDA) * dissimilarity + LAMBDA * Grad-l2 (default: what the "
+                     "weights recommend, else -r)")
     reg.add_argument("--refine-affine", type=non_negative, metavar="N",
                      help="affine, rigid and joint modes: optimise the predicted matrix on "
                      "the pair for N steps at 4 mm, then N/2 at 2 mm, on a MIND similarity; "

@@ -77,8 +77,8 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
              device: torch.device | str = "cpu",
              outputs: tuple[str, ...] = ("forward", "inverse"), refine: int | None = None,
              lam: float = 0.5, similarity: str | None = None,
-             refine_affine: int | None = None, moving_mask=None, fixed_mask=None
-             ) -> Registration:
+             refine_affine: int | None = None, moving_mask=None, fixed_mask=None,
+             refine_lambda: float | None = None) -> Registration:
     """Register ``moving`` to ``fixed`` (nibabel images, any orientation and voxel size).
 
     Parameters
@@ -103,11 +103,16 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
     outputs : tuple of str
         Which of ``forward`` and ``inverse`` to build (the other is ``None``); a
         deformable direction nobody asked for costs its own world-space field.
-    refine, lam, similarity : int, float, str
+    lam : float
+        The regularisation weight: a hyper-network's was chosen when it was loaded; here
+        it is the refinement's smoothness weight when neither ``refine_lambda`` nor the
+        weights give one.
+    refine, refine_lambda, similarity : int, float, str
         Test-time refinement of the deformable step: that many optimisation steps of
-        ``(1 - lam) * similarity + lam * Grad-l2`` on the pair (``similarity``: ``ncc``,
-        ``mse`` or ``mind``) on a 4 mm grid; ``None`` takes what the weights recommend
-        (``models.refine``, ``models.refine_similarity``), 0 keeps the network's field.
+        ``(1 - refine_lambda) * similarity + refine_lambda * Grad-l2`` on the pair
+        (``similarity``: ``ncc``, ``mse`` or ``mind``) on a 4 mm grid; ``None`` takes what
+        the weights recommend (``models.refine``, ``models.refine_lambda`` else ``lam``,
+        ``models.refine_similarity``), 0 keeps the network's field.
     refine_affine : int, optional
         Test-time refinement of the affine (or rigid) matrix: N steps at 4 mm, then
         N / 2 at 2 mm, of a symmetric MIND similarity (works across contrasts);
@@ -150,6 +155,11 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
         refine = models.refine if mode in DEFORM_MODES else 0
     if similarity is None:
         similarity = models.refine_similarity
+    if refine_lambda is None:
+        refine_lambda = lam if models.refine_lambda is None else models.refine_lambda
+    if not 0 <= refine_lambda < 1:
+        raise SynthMorphError(f"the refinement's smoothness weight must lie in [0, 1), "
+                              f"got {refine_lambda}")
     info = {"mode": mode, "extent": extent, "steps": steps, "device": str(device)}
     if refine_affine and mode != "deform":
         info["refine_affine"] = refine_affine
@@ -162,7 +172,7 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
         return Registration(mode, mov, fix, Chain([Affine(fw)]), Chain([Affine(bw)]), info)
     detector = models.affine if mode == "joint" else None
     out = run_deformable(models.deform, inp_1, inp_2, steps=steps, detector=detector,
-                         refine=refine, lam=lam, similarity=similarity,
+                         refine=refine, lam=refine_lambda, similarity=similarity,
                          refine_affine=refine_affine if detector is not None else 0,
                          masks=masks, inverse="inverse" in outputs)
     if "refine_affine_loss" in out.stages:
@@ -170,6 +180,7 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
     if refine:
         info["refine"] = refine
         info["refine_similarity"] = similarity
+        info["refine_lambda"] = refine_lambda
         info["refine_loss"] = out.stages["refine_loss"]
     del inp_1, inp_2
     affine = Affine(world_matrix(out.affine_1, mov_net2ras, fix_ras2net))

@@ -44,6 +44,9 @@ class Models:
     refine_affine: int = 0
     refine: int = 0
     refine_similarity: str = "ncc"
+    # the smoothness weight of the deformable refinement (``refine_lambda`` metadata;
+    # None: the registration's regularisation weight)
+    refine_lambda: float | None = None
 
     def to(self, device) -> Models:
         for m in (self.affine, self.deform):
@@ -102,6 +105,7 @@ def load_models(mode: str, files: list[Path], *, lam: float = 0.5) -> Models:
     affine = deform = None
     refine_affine = refine = 0
     similarity = "ncc"
+    refine_lambda = None
     for path in files:
         if not Path(path).is_file():
             raise WeightsError(f"{path}: weights file not found")
@@ -114,6 +118,8 @@ def load_models(mode: str, files: list[Path], *, lam: float = 0.5) -> Models:
         if found_deform is not None and want_deform and deform is None:
             refine = int(meta.get("refine", 0))
             similarity = str(meta.get("refine_similarity", "ncc"))
+            if "refine_lambda" in meta:
+                refine_lambda = float(meta["refine_lambda"])
         affine = affine or (found_affine if want_affine else None)
         deform = deform or (found_deform if want_deform else None)
     names = ", ".join(str(f) for f in files)
@@ -126,4 +132,4 @@ def load_models(mode: str, files: list[Path], *, lam: float = 0.5) -> Models:
     if affine is not None and affine.config.rigid != rigid:
         affine.config = dataclasses.replace(affine.config, rigid=rigid)
     return Models(affine, deform, tuple(str(f) for f in files), refine_affine, refine,
-                  similarity)
+                  similarity, refine_lambda)

@@ -118,6 +118,10 @@ class SynthMorphRegisterInputSpec(_SynthMorphInputSpec):
                           desc="test-time refinement steps of the deformable field")
     refine_similarity = traits.Enum(*IMAGE_SIMILARITIES, argstr="--refine-similarity %s",
                                     desc="image similarity of the refinement")
+    refine_lambda = traits.Range(low=0.0, high=1.0, exclude_low=True, exclude_high=True,
+                                 argstr="--refine-lambda %g",
+                                 desc="smoothness weight of the deformable refinement "
+                                 "(unset: what the weights recommend, else regularization)")
     refine_affine = traits.Range(low=0, argstr="--refine-affine %d",
                                  desc="test-time refinement steps of the affine (unset: "
                                  "what the weights recommend)")

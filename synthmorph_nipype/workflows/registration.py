@@ -39,6 +39,7 @@ def init_synthmorph_wf(
     refine_similarity: str | None = None,
     refine_affine: int | None = None,
     write_lambda: bool = False,
+    refine_lambda: float | None = None,
     name: str = "synthmorph_wf",
 ) -> pe.Workflow:
     """Register a moving image to a fixed one with SynthMorph.
@@ -78,6 +79,9 @@ def init_synthmorph_wf(
     refine_similarity : :obj:`str` or None
         ``ncc``, ``mse`` or ``mind`` (across contrasts), for ``refine`` (None: what the
         weights recommend).
+    refine_lambda : :obj:`float` or None
+        Smoothness weight in (0, 1) of the deformable refinement (None: what the weights
+        recommend, else ``regularization``).
     refine_affine : :obj:`int` or None
         Test-time refinement steps of the affine node (0: the network's matrix; None:
         what the weights recommend).
@@ -150,6 +154,8 @@ def init_synthmorph_wf(
             deform_reg.inputs.refine = refine
         if refine_similarity is not None:
             deform_reg.inputs.refine_similarity = refine_similarity
+        if refine_lambda is not None:
+            deform_reg.inputs.refine_lambda = refine_lambda
         deform_reg.inputs.write_lambda = write_lambda
         if write_lambda:
             workflow.connect(deform_reg, "lambda_map", outputnode, "lambda_map")
