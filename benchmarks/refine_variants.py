@@ -65,8 +65,9 @@ def main(argv=None) -> None:
     parser.add_argument("--mask", action="store_true", help="pass the fixed brain mask")
     parser.add_argument("--refine", type=int)
     parser.add_argument("--refine-affine", type=int)
-    parser.add_argument("--lam", type=float, default=0.5,
-                        help="smoothness weight of the deformable refinement")
+    parser.add_argument("--lam", type=float,
+                        help="smoothness weight of the deformable refinement (default: what "
+                        "the weights recommend)")
     parser.add_argument("--similarity")
     parser.add_argument("--int-steps", type=int, help="squaring steps inside the refinement")
     parser.add_argument("--warp-features", action="store_true")
@@ -116,7 +117,8 @@ def main(argv=None) -> None:
         result = register(nb.load(pair / "moving.nii.gz"), nb.load(pair / "fixed.nii.gz"),
                           models, mode=mode, outputs=("forward",), fixed_mask=mask,
                           refine_affine=args.refine_affine, similarity=args.similarity,
-                          refine=args.refine if mode == "joint" else None, lam=args.lam)
+                          refine=args.refine if mode == "joint" else None,
+                          refine_lambda=args.lam)
         wall = time.perf_counter() - start
         score = affine_error(result, pair) if mode == "affine" else label_dice(result, pair)
         scores.append(score)
