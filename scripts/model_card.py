@@ -86,7 +86,10 @@ def describe(run: Path, model: Path | None = None) -> list[str]:
         *([f"- started from `{cfg['init_weights']}` (the previously shipped weights)"]
           if cfg.get("init_weights") and cfg.get("objective") == "synthetic" else []),
         "- test-time refinement it recommends (the default of `synthmorph register`): "
-        + (", ".join(refine) + " steps" if refine else "none"),
+        + (", ".join(refine) + " steps" if refine else "none")
+        + (f" (deformable: {meta['refine_similarity']}, smoothness weight "
+           f"{meta['refine_lambda']})" if "refine_lambda" in meta and int(meta.get("refine", 0))
+           else ""),
         "",
     ]
     if val:
