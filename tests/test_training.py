@@ -15,7 +15,7 @@ import torch
 from synthmorph_nipype.cli.main import main
 from synthmorph_nipype.engine.weights import load_models
 from synthmorph_nipype.errors import InputError
-from synthmorph_nipype.models.checkpoint import load_checkpoint
+from synthmorph_nipype.models.checkpoint import load_checkpoint, save_checkpoint
 from synthmorph_nipype.ops.jacobian import folding_percent, jacobian_det
 from synthmorph_nipype.synthesis.generator import SynthConfig
 from synthmorph_nipype.training.config import TrainConfig, read_config
@@ -351,6 +351,38 @@ def test_synth_command_writes_pairs(tmp_path, capsys):
     assert 0 <= data.min() and data.max() <= 1 and data.std() > 0.05
     assert np.issubdtype(lab.get_data_dtype(), np.integer) and len(np.unique(lab.dataobj)) > 5
     assert "wrote 2 pairs" in capsys.readouterr().out
+
+
+def test_continued_run_resumes_without_its_starting_weights(tmp_path, capsys):
+    """A run started from trained weights (``init_weights``) whose starting file is gone
+    (a later session keeps only the checkpoint) resumes from its checkpoint, with the
+    starting file's refinement advice, which its export keeps; without a checkpoint the
+    missing file is an error (nothing written)."""
+    Trainer(tiny_config("affine", steps=2), tmp_path / "first").run(progress=False)
+    start = load_checkpoint(tmp_path / "first" / "model.pt")
+    advice = {"refine_affine": 7}
+    save_checkpoint(tmp_path / "start.pt", meta={**start["meta"], **advice},
+                    affine=start["affine"])
+    settings = {k: v for k, v in tiny_config(
+        "affine", init_weights=str(tmp_path / "start.pt")).to_dict().items() if k != "synth"}
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(settings))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--steps", "2", "-q"]) == 0
+    first = load_checkpoint(out / "model.pt")
+    assert first["meta"]["refine_affine"] == 7
+    (tmp_path / "start.pt").unlink()
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--steps", "4", "-q"]) == 0
+    assert "resuming at step 2" in capsys.readouterr().err
+    resumed = load_checkpoint(out / "model.pt")
+    assert resumed["meta"]["trained_steps"] == 4 and resumed["meta"]["refine_affine"] == 7
+    moved = _state(resumed["affine"])
+    assert not all(torch.equal(moved[k], v) for k, v in _state(first["affine"]).items())
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "fresh"), "-q"]) == 1
+    assert "start.pt: not found" in capsys.readouterr().err
+    assert not (tmp_path / "fresh").exists()
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--restart", "-q"]) == 1
+    assert (out / "checkpoint.pt").is_file()  # a refused restart deletes nothing
 
 
 def test_train_command_then_register(tmp_path, template, capsys):

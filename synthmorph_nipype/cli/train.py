@@ -60,13 +60,16 @@ def train(args: argparse.Namespace) -> None:
                       spatial_lambda=True if args.spatial_lambda else None,
                       prior_alpha=args.prior_alpha, penalty_weight=args.penalty_weight,
                       label_maps=args.label_maps)
-    starts = [cfg.init_weights] if isinstance(cfg.init_weights, str) else cfg.init_weights
-    for path in (*(starts or []), cfg.images):
-        if path and not Path(path).exists():
-            raise SynthMorphError(f"{path}: not found")
     if cfg.model == "joint" and cfg.affine_weights and not Path(cfg.affine_weights).is_file():
         raise SynthMorphError(f"{cfg.affine_weights}: affine weights not found (train the "
                               "affine model first, or leave --affine-weights out)")
+    # synthetic training resumed from a checkpoint needs its starting weights no more
+    resuming = (cfg.objective == "synthetic" and not args.restart
+                and (Path(args.out) / "checkpoint.pt").is_file())
+    starts = [cfg.init_weights] if isinstance(cfg.init_weights, str) else cfg.init_weights
+    for path in (*([] if resuming else starts or []), cfg.images):
+        if path and not Path(path).exists():
+            raise SynthMorphError(f"{path}: not found")
     out = _outdir(args.out)
     if args.restart:
         for name in ("checkpoint.pt", "train.csv", "val.csv", "log.jsonl"):

@@ -71,6 +71,13 @@ def starting_weights(paths: str | list[str]) -> dict:
     return {**found, "meta": meta}
 
 
+def _resumes_without(paths: str | list[str], outdir: Path) -> bool:
+    """Whether a run in ``outdir`` resumes from its checkpoint while its starting weights
+    ``paths`` are gone (a later session: only the checkpoint was kept)."""
+    files = [paths] if isinstance(paths, str) else paths
+    return (outdir / "checkpoint.pt").exists() and not all(Path(p).exists() for p in files)
+
+
 @torch.no_grad()
 def start_from(model: torch.nn.Module, paths: str | list[str], part: str) -> dict:
     """Load ``part`` ("affine" or "deform") of the first weights file holding it into
@@ -274,7 +281,9 @@ class Trainer:
             self.task: Task = TASKS[task_name](model_config, **kwargs)
         if init is not None:
             load_start(self.task.model, init["deform"])
-        elif config.init_weights:  # synthetic training continued from trained weights
+        elif config.init_weights and not _resumes_without(config.init_weights, self.outdir):
+            # synthetic training continued from trained weights (a run that has a
+            # checkpoint resumes from it: its starting file is no longer needed)
             self.recommended = start_from(self.task.model, config.init_weights,
                                           "deform" if config.model == "joint" else "affine")
         self.task.model.to(self.device)
@@ -292,7 +301,7 @@ class Trainer:
         return {"format": STATE, "step": self.step, "config": self.config.to_dict(),
                 "model": self.task.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state()}
+                "generator": self.generator.get_state(), "recommended": self.recommended}
 
     def save(self) -> None:
         with OutputSet() as out:
@@ -323,6 +332,8 @@ class Trainer:
         self.task.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
+        if "recommended" in state:  # the starting weights' advice, for the export
+            self.recommended = dict(state["recommended"])
         self.step = int(state["step"])
         return True
 
