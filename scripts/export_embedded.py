@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from synthmorph_nipype.training.config import read_config
-from synthmorph_nipype.training.trainer import Trainer
+from synthmorph_nipype.training.trainer import RECOMMENDATIONS, Trainer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"{args.run}: no checkpoint.pt")
     metrics = trainer.validate()
     extra = {f"val_{k}": round(v, 5) for k, v in metrics.items()}
-    for key in ("refine_affine", "refine", "refine_similarity", "refine_lambda"):
+    for key in RECOMMENDATIONS:
         if getattr(args, key):
             extra[key] = getattr(args, key)
     trainer.export(path=args.out, extra=extra)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from synthmorph_nipype.io.atomic import OutputSet
 from synthmorph_nipype.models.checkpoint import load_checkpoint, save_checkpoint
+from synthmorph_nipype.training.trainer import RECOMMENDATIONS
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,15 +29,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model = load_checkpoint(args.weights)
     meta = dict(model["meta"])
-    for key in ("refine", "refine_affine", "refine_similarity", "refine_lambda"):
+    for key in RECOMMENDATIONS:
         if getattr(args, key) is not None:
             meta[key] = getattr(args, key)
     with OutputSet() as out:
         save_checkpoint(out.temp(args.weights), meta=meta, affine=model["affine"],
                         deform=model["deform"])
     print(f"{args.weights}: recommends " + ", ".join(
-        f"{k} {meta[k]}" for k in ("refine_affine", "refine", "refine_similarity", "refine_lambda")
-        if k in meta))
+        f"{k} {meta[k]}" for k in RECOMMENDATIONS if k in meta))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from synthmorph_nipype.cli.main import main
 from synthmorph_nipype.engine.refine import content_box, refine_matrix, refine_svf
 from synthmorph_nipype.engine.register import register
 from synthmorph_nipype.engine.weights import load_models
-from synthmorph_nipype.errors import SynthMorphError
+from synthmorph_nipype.errors import SynthMorphError, WeightsError
 from synthmorph_nipype.interfaces import SynthMorphRegister
 from synthmorph_nipype.models.checkpoint import load_checkpoint, save_checkpoint
 from synthmorph_nipype.ops.grid import voxel_grid
@@ -180,6 +180,11 @@ def test_refine_lambda_smooths_and_comes_from_the_weights(nipype_pair, tmp_path,
     models = load_models("joint", [advised])
     assert models.refine_lambda == 0.9
     assert load_models("joint", [nipype_pair["weights"]]).refine_lambda is None
+    wrong = tmp_path / "wrong.pt"
+    save_checkpoint(wrong, meta={**model["meta"], "refine_lambda": 1.5},
+                    affine=model["affine"], deform=model["deform"])
+    with pytest.raises(WeightsError, match="wrong.pt: its refine_lambda 1.5"):
+        load_models("joint", [wrong])
     moving, fixed = nb.load(nipype_pair["moving"]), nb.load(nipype_pair["fixed"])
 
     def roughness(**kwargs):  # of the whole field on the fixed grid

@@ -67,8 +67,8 @@ def run_participant(args) -> int:
     refine = models.refine if args.refine is None else args.refine
     refine_affine = models.refine_affine if args.refine_affine is None else args.refine_affine
     similarity = args.refine_similarity or models.refine_similarity
-    refine_lambda = next(v for v in (args.refine_lambda, models.refine_lambda,
-                                     args.regularization) if v is not None)
+    refine_lambda = (models.refine_weight(args.regularization) if args.refine_lambda is None
+                     else args.refine_lambda)
     work = Path(args.work_dir).resolve()
     try:
         template = resolve_template(args.template, work / "templates")

@@ -15,7 +15,7 @@ from ..errors import SynthMorphError
 from ..io.atomic import OutputSet
 from ..training.config import read_config
 from ..training.data import grid_matrix
-from ..training.trainer import Trainer, label_source, make_pair
+from ..training.trainer import Trainer, label_source, make_pair, resumes_without_start
 
 
 def _outdir(path: str) -> Path:
@@ -63,9 +63,8 @@ def train(args: argparse.Namespace) -> None:
     if cfg.model == "joint" and cfg.affine_weights and not Path(cfg.affine_weights).is_file():
         raise SynthMorphError(f"{cfg.affine_weights}: affine weights not found (train the "
                               "affine model first, or leave --affine-weights out)")
-    # synthetic training resumed from a checkpoint needs its starting weights no more
-    resuming = (cfg.objective == "synthetic" and not args.restart
-                and (Path(args.out) / "checkpoint.pt").is_file())
+    # a resumed run needs its starting weights no more (checked before --restart acts)
+    resuming = not args.restart and resumes_without_start(cfg, args.out)
     starts = [cfg.init_weights] if isinstance(cfg.init_weights, str) else cfg.init_weights
     for path in (*([] if resuming else starts or []), cfg.images):
         if path and not Path(path).exists():

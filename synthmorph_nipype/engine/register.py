@@ -156,7 +156,7 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
     if similarity is None:
         similarity = models.refine_similarity
     if refine_lambda is None:
-        refine_lambda = lam if models.refine_lambda is None else models.refine_lambda
+        refine_lambda = models.refine_weight(lam)
     if not 0 <= refine_lambda < 1:
         raise SynthMorphError(f"the refinement's smoothness weight must lie in [0, 1), "
                               f"got {refine_lambda}")

@@ -48,6 +48,10 @@ class Models:
     # None: the registration's regularisation weight)
     refine_lambda: float | None = None
 
+    def refine_weight(self, lam: float) -> float:
+        """The refinement's smoothness weight: the weights' advice, else ``lam``."""
+        return lam if self.refine_lambda is None else self.refine_lambda
+
     def to(self, device) -> Models:
         for m in (self.affine, self.deform):
             if m is not None:
@@ -120,6 +124,10 @@ def load_models(mode: str, files: list[Path], *, lam: float = 0.5) -> Models:
             similarity = str(meta.get("refine_similarity", "ncc"))
             if "refine_lambda" in meta:
                 refine_lambda = float(meta["refine_lambda"])
+                if not 0 <= refine_lambda < 1:
+                    raise WeightsError(f"{path}: its refine_lambda {refine_lambda} lies "
+                                       "outside [0, 1); set another with "
+                                       "scripts/recommend.py --refine-lambda")
         affine = affine or (found_affine if want_affine else None)
         deform = deform or (found_deform if want_deform else None)
     names = ", ".join(str(f) for f in files)

@@ -71,11 +71,16 @@ def starting_weights(paths: str | list[str]) -> dict:
     return {**found, "meta": meta}
 
 
-def _resumes_without(paths: str | list[str], outdir: Path) -> bool:
-    """Whether a run in ``outdir`` resumes from its checkpoint while its starting weights
-    ``paths`` are gone (a later session: only the checkpoint was kept)."""
+def resumes_without_start(config: TrainConfig, outdir: str | Path) -> bool:
+    """Whether synthetic training continued from ``config.init_weights`` resumes from the
+    checkpoint in ``outdir`` while those starting weights are gone (a later session keeps
+    only the checkpoint, which holds the weights and their advice)."""
+    if config.objective != "synthetic" or not config.init_weights:
+        return False
+    paths = config.init_weights
     files = [paths] if isinstance(paths, str) else paths
-    return (outdir / "checkpoint.pt").exists() and not all(Path(p).exists() for p in files)
+    return (Path(outdir) / "checkpoint.pt").is_file() and not all(
+        Path(p).exists() for p in files)
 
 
 @torch.no_grad()
@@ -281,7 +286,7 @@ class Trainer:
             self.task: Task = TASKS[task_name](model_config, **kwargs)
         if init is not None:
             load_start(self.task.model, init["deform"])
-        elif config.init_weights and not _resumes_without(config.init_weights, self.outdir):
+        elif config.init_weights and not resumes_without_start(config, self.outdir):
             # synthetic training continued from trained weights (a run that has a
             # checkpoint resumes from it: its starting file is no longer needed)
             self.recommended = start_from(self.task.model, config.init_weights,
