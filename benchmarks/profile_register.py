@@ -42,8 +42,6 @@ STAGES = {
     "mind": ("ops/similarity.py", "mind"),
     "backward": ("torch/_tensor.py", "backward"),
     "world_field": ("engine/compose.py", "world_field"),
-    "residual_field": ("engine/compose.py", "residual_field"),
-    "push_field": ("engine/compose.py", "push_field"),
     "save_transform": ("transforms/io.py", "save_transform"),
     "resample": ("engine/resample.py", "resample"),
 }
@@ -67,8 +65,10 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
     parser.add_argument("--top", type=int, default=0, help="also print the N slowest functions")
-    args, extra = parser.parse_known_args(argv)
-    extra = [a for a in extra if a != "--"]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    extra = argv[split + 1:]
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -662,8 +662,8 @@ def test_whole_grid_work_slab_by_slab_equals_at_once(tmp_path, monkeypatch):
                 resample(img, chain, ImageGrid.make(shape, aff), method="nearest",
                          dtype="uint8").get_fdata(),
                 total.copy(),
-                compose.residual_field(total.copy(), aff, known_affine(rot=(2, 1, 0)), shape),
-                compose.push_field(total.copy(), aff, known_affine(shift=(1, 0, 0)), shape))
+                compose.world_field(out, known_affine(rot=(2, 1, 0)) @ to_ras, to_net, aff,
+                                    shape))
 
     whole = everything()
     monkeypatch.setattr(resample_module, "SLAB", 2 * 11 * 9)  # two rows a slab
@@ -671,6 +671,25 @@ def test_whole_grid_work_slab_by_slab_equals_at_once(tmp_path, monkeypatch):
     for a, b in zip(whole, everything(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
     assert np.abs(whole[0]).max() > 1 and np.abs(whole[3]).max() > 0.1
+
+
+def test_world_field_through_an_inverse_affine_is_the_composite_residual():
+    """The deformable member of a composite ``[A, w]`` comes from the same single pass
+    over the grid: with ``inv(A) @ N`` for the network-to-world map, ``A(x + w(x))`` is
+    the whole map ``x + total(x)`` at every voxel (ITK applies ``w`` first, then ``A``)."""
+    from synthmorph_nipype.engine import compose
+
+    rng = np.random.default_rng(5)
+    shape, aff = (9, 8, 7), np.diag([1.1, 0.9, 1.3, 1.0])
+    aff[:3, 3] = (-4.0, 3.0, 2.0)
+    out = torch.from_numpy(rng.normal(0, 0.8, (6, 6, 6, 3)).astype(np.float32))
+    to_net, to_ras = np.diag([0.6, 0.7, 0.8, 1.0]), np.diag([1.1, 0.9, 1.0, 1.0])
+    a = known_affine(rot=(4, -3, 2), shift=(1.5, -0.5, 2.0))
+    total = compose.world_field(out, to_ras, to_net, aff, shape)
+    res = compose.world_field(out, np.linalg.inv(a) @ to_ras, to_net, aff, shape)
+    x = nib.affines.apply_affine(aff, np.moveaxis(np.indices(shape), 0, -1))
+    np.testing.assert_allclose(nib.affines.apply_affine(a, x + res), x + total, atol=1e-4)
+    assert np.abs(res - total).max() > 0.5  # the affine's share was taken out
 
 
 def test_resampling_memory_does_not_grow_with_the_output_grid(monkeypatch):

@@ -28,7 +28,11 @@ def world_field(out: torch.Tensor | HalfResField, net_to_src_ras: np.ndarray,
     network point of dst voxel ``x`` and ``u`` an ``(e, e, e, 3)`` field interpolated on
     clamped coordinates, or a :class:`~synthmorph_nipype.engine.network.HalfResField`
     evaluated at the points. Computed slab by slab: memory beyond the result does not
-    grow with the grid."""
+    grow with the grid.
+
+    With ``net_to_src_ras = inv(A) @ N`` it is the deformable part ``w`` left after an
+    affine ``A`` of the whole map (``A(x + w(x)) = N(p + u(p))``, ITK's composite
+    layout), in the same single pass."""
     dev = out.device
     field = partial(sample_linear, out, boundary="clamp") if isinstance(out, torch.Tensor) \
         else out
@@ -39,23 +43,4 @@ def world_field(out: torch.Tensor | HalfResField, net_to_src_ras: np.ndarray,
         disp = apply_affine(net_to_src_ras, q)
         disp -= affine_points(dst_affine, dst_shape, device=dev, rows=rows)
         total[rows[0]:rows[1]] = disp.cpu().numpy()
-    return total
-
-
-def residual_field(total: np.ndarray, dst_affine: np.ndarray, affine: np.ndarray,
-                   dst_shape) -> np.ndarray:
-    """Displacement ``w`` with ``affine(x + w(x)) = x + total(x)`` on the dst grid: the
-    deformable part left after taking out the affine one (ITK composite layout).
-    Overwrites and returns ``total`` (float32): :func:`push_field` through the inverse."""
-    return push_field(total, dst_affine, np.linalg.inv(affine), dst_shape)
-
-
-def push_field(total: np.ndarray, src_affine: np.ndarray, affine: np.ndarray,
-               src_shape) -> np.ndarray:
-    """Displacement ``v`` with ``x + v(x) = affine(x + total(x))`` on the grid of ``total``.
-    Overwrites and returns ``total`` (float32), slab by slab."""
-    for i0, i1 in slabs(src_shape, SLAB):
-        pts = affine_points(src_affine, src_shape, dtype=torch.float64, rows=(i0, i1))
-        target = pts + torch.from_numpy(total[i0:i1]).double()
-        total[i0:i1] = (apply_affine(affine, target) - pts).float().numpy()
     return total

@@ -19,9 +19,12 @@ def conform(data: np.ndarray | torch.Tensor, net_to_img: np.ndarray, extent: int
     shape = (extent,) * 3
     if axis_permutation(net_to_img, shape) is not None:  # parallel axes: separable
         out = resample_axis_aligned(vol, net_to_img, shape)
-    else:  # interpolate in float64 so that float32 coordinate normalisation adds no error
+    else:
         points = affine_points(net_to_img, shape, device=device)
-        out = sample_linear(vol.double(), points, boundary="zeros").float()
+        # a CPU gathers with weights exact in the points' dtype; grid_sample (other
+        # devices) normalises the coordinates, so it interpolates in float64 to add no error
+        src = vol if vol.device.type == "cpu" else vol.double()
+        out = sample_linear(src, points, boundary="zeros").float()
     if not normalize:
         return out
     out = out - out.min()

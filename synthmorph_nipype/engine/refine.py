@@ -26,7 +26,7 @@ from ..ops.integrate import integrate_svf
 from ..ops.linalg import rotation_exp
 from ..ops.optim import Adam
 from ..ops.regularity import grad_l2, weighted_grad_l2
-from ..ops.sampling import sample_linear
+from ..ops.sampling import grid_sample, sample_linear
 from ..ops.similarity import IMAGE_SIMILARITIES, feature_loss, features, fixed_similarity, image_mse
 
 
@@ -290,8 +290,8 @@ def _pull(image: torch.Tensor, matrix: torch.Tensor, box: _Box | None = None
         shape[2:] = box.shape
     theta = matrix[:3][REVERSED][:, REVERSED + [3]]
     grid = F.affine_grid(theta[None], shape, align_corners=True)
-    return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros",
-                         align_corners=True)
+    return grid_sample(image, grid, mode="bilinear", padding_mode="zeros",
+                       align_corners=True)
 
 
 def _increment(params: torch.Tensor, shift: torch.Tensor, rigid: bool) -> torch.Tensor:
@@ -323,8 +323,8 @@ def _sample_at(vol: torch.Tensor, points: torch.Tensor, padding: str = "border"
     outside the grid the edge values (features: those of the background around an
     image) or, with ``padding="zeros"``, zero (masks)."""
     grid = points[:, REVERSED].reshape(1, -1, 1, 1, 3)
-    return F.grid_sample(vol, grid, mode="bilinear", padding_mode=padding,
-                         align_corners=True)
+    return grid_sample(vol, grid, mode="bilinear", padding_mode=padding,
+                       align_corners=True)
 
 
 #: what the affine refinement compares voxel by voxel, and how (NCC needs windows of the

@@ -20,7 +20,7 @@ from ..ops.grid import affine_points, slabs
 from ..ops.sampling import sample_linear
 from ..transforms.base import Affine, Chain, DisplacementField, ImageGrid, Transform
 from ..vocabulary import AFFINE_MODES, DEFORM_MODES, EXTENTS, MODES, check
-from .compose import push_field, residual_field, world_field, world_matrix
+from .compose import world_field, world_matrix
 from .conform import conform
 from .network import run_affine, run_deformable
 from .space import net_to_ras
@@ -195,14 +195,13 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
             lam[i0:i1] = sample_linear(out.lambda_map, pts, boundary="clamp").cpu().numpy()
         lam_img = nb.Nifti1Image(lam, fix.affine)
     forward = inverse = None
+    # each direction's field is what its affine leaves (world_field's composite form)
     if "forward" in outputs:
-        total_fw = world_field(out.out_1, mov_net2ras, fix_ras2net @ fix.affine, fix.affine,
-                               fix.shape)
-        fw_res = residual_field(total_fw, fix.affine, affine.matrix, fix.shape)
+        fw_res = world_field(out.out_1, np.linalg.inv(affine.matrix) @ mov_net2ras,
+                             fix_ras2net @ fix.affine, fix.affine, fix.shape)
         forward = Chain([affine, DisplacementField(fix, fw_res)])
     if "inverse" in outputs:
-        total_bw = world_field(out.out_2, fix_net2ras, mov_ras2net @ mov.affine, mov.affine,
-                               mov.shape)
-        bw_res = push_field(total_bw, mov.affine, affine.matrix, mov.shape)
+        bw_res = world_field(out.out_2, affine.matrix @ fix_net2ras, mov_ras2net @ mov.affine,
+                             mov.affine, mov.shape)
         inverse = Chain([affine.inverse(), DisplacementField(mov, bw_res)])
     return Registration(mode, mov, fix, forward, inverse, info, lam_img)

@@ -106,12 +106,13 @@ def affine_points(matrix, shape, *, dtype=torch.float32, device=None,
     tensor([12.,  1.,  0.])
     """
     m = _rows(matrix, dtype, device)
-    if rows is None:
-        grid = voxel_grid(shape, dtype=dtype, device=device)
-    else:
-        grid = voxel_grid((rows[1] - rows[0], *shape[1:]), dtype=dtype, device=device)
-        grid[..., 0] += rows[0]
-    return grid @ m[:, :3].T + m[:, 3]
+    i0, i1 = (0, int(shape[0])) if rows is None else rows
+    # one broadcast sum of the three axes' terms: no (N, 3) index grid, no matmul
+    ax = [torch.arange(i0, i1, dtype=dtype, device=device),
+          torch.arange(int(shape[1]), dtype=dtype, device=device),
+          torch.arange(int(shape[2]), dtype=dtype, device=device)]
+    plane = (ax[0][:, None] * m[:, 0] + m[:, 3])[:, None] + (ax[1][:, None] * m[:, 1])[None]
+    return plane[:, :, None] + (ax[2][:, None] * m[:, 2])[None, None]
 
 
 def slabs(shape, points: int = 1 << 21):

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .grid import REVERSED, normalised_matrix
+from .sampling import grid_sample
 
 
 def integrate_svf(svf: torch.Tensor, steps: int = 7) -> torch.Tensor:
@@ -40,7 +41,7 @@ def integrate_svf(svf: torch.Tensor, steps: int = 7) -> torch.Tensor:
     identity = F.affine_grid(eye, [v.shape[0], 3, *shape], align_corners=True)
     v = v.permute(0, 4, 1, 2, 3)
     for _ in range(steps):
-        v = v + F.grid_sample(v, identity + v.permute(0, 2, 3, 4, 1), mode="bilinear",
-                              padding_mode="border", align_corners=True)
+        v = v + grid_sample(v, identity + v.permute(0, 2, 3, 4, 1), mode="bilinear",
+                            padding_mode="border", align_corners=True)
     out = v.permute(0, 2, 3, 4, 1)[..., REVERSED] / scale
     return out if batched else out[0]

@@ -41,6 +41,107 @@ def _prepare(vol: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int], boo
     return vol.reshape(-1, vol.shape[-1]), shape, squeeze
 
 
+#: fewest points a ``grid_sample`` call splits across threads (below it the split costs more)
+SPLIT_POINTS = 1 << 15
+
+
+def grid_sample(inp: torch.Tensor, grid: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``torch.nn.functional.grid_sample`` of a single volume on all of torch's threads.
+
+    On a CPU, PyTorch's 3-D sampler runs one thread per batch item, so a lone volume uses
+    one core. Here the points of a batch of one are dealt to ``torch.get_num_threads()``
+    batch items that all read the same volume (``expand``: no copy); each point is still
+    computed by the same kernel, so the values are the same, bit for bit, and gradients
+    flow as usual (the expanded volume's sum back to one).
+
+    >>> vol = torch.rand(1, 2, 5, 6, 7)
+    >>> g = torch.rand(1, 40, 41, 1, 3) * 2 - 1
+    >>> torch.equal(grid_sample(vol, g, align_corners=True),
+    ...             F.grid_sample(vol, g, align_corners=True))
+    True
+    """
+    threads = torch.get_num_threads()
+    points = grid[0, ..., 0].numel()
+    if (inp.shape[0] != 1 or inp.device.type != "cpu" or threads < 2
+            or points < max(SPLIT_POINTS, threads)):
+        return F.grid_sample(inp, grid, **kwargs)
+    per = -(-points // threads)  # ceil: the last item is padded with repeats of point 0
+    flat = grid.reshape(-1, 3)
+    if per * threads > points:
+        flat = torch.cat([flat, flat[:1].expand(per * threads - points, 3)])
+    out = F.grid_sample(inp.expand(threads, *inp.shape[1:]), flat.view(threads, per, 1, 1, 3),
+                        **kwargs)  # (threads, C, per, 1, 1)
+    out = out.reshape(threads, -1, per).transpose(0, 1).reshape(inp.shape[1], -1)[:, :points]
+    return out.reshape(1, inp.shape[1], *grid.shape[1:4])
+
+
+def _outside(p: torch.Tensor, hi: torch.Tensor, boundary: str) -> torch.Tensor | None:
+    """Points that get ``fill`` under ``boundary`` (None: none do)."""
+    if boundary == "zeros":
+        return ((p < 0) | (p > hi)).any(dim=-1)
+    if boundary == "itk":
+        return ((p < -0.5) | (p >= hi + 0.5)).any(dim=-1)
+    return None
+
+
+def _linear_grid_sample(vol: torch.Tensor, pts: torch.Tensor, boundary: str,
+                        fill: float) -> torch.Tensor:
+    """``sample_linear`` on ``grid_sample`` (differentiable, any device): ``(N, C)``."""
+    inp = vol.permute(3, 0, 1, 2)[None]  # (1, C, X, Y, Z)
+    hi = torch.tensor([n - 1 for n in vol.shape[:3]], dtype=torch.float64, device=vol.device)
+    out = torch.empty((pts.shape[0], vol.shape[3]), dtype=vol.dtype, device=vol.device)
+    for start in range(0, pts.shape[0], CHUNK):
+        p = pts[start:start + CHUNK].to(vol.device, torch.float64)
+        grid = to_grid_sample(p, vol.shape[:3]).to(vol.dtype)  # normalised in float64
+        res = grid_sample(inp, grid.view(1, 1, 1, -1, 3), mode="bilinear",
+                          padding_mode="border", align_corners=True)
+        res = res.view(vol.shape[3], -1).T
+        outside = _outside(p, hi, boundary)
+        if outside is not None:
+            res[outside] = fill
+        out[start:start + CHUNK] = res
+    return out
+
+
+GATHER_CHUNK = 1 << 19  # points per pass of the gathering sampler: its temporaries stay in cache
+
+
+def _linear_gather(vol: torch.Tensor, pts: torch.Tensor, boundary: str,
+                   fill: float) -> torch.Tensor:
+    """``sample_linear`` of one channel ``(X, Y, Z)`` by gathering the eight neighbours
+    (CPU, no autograd): ``(N,)``.
+
+    The weights come straight from the voxel coordinates (``c - floor(c)``, exact in
+    their dtype), with no normalisation to ``[-1, 1]`` and back, and the interpolation is
+    three rounds of ``lerp``. On a CPU this is faster than ``grid_sample`` for one
+    channel (about 1.3x at 256^3, 2 threads); for vector fields ``grid_sample``, whose
+    cost is per point, not per channel, stays ahead."""
+    shape = vol.shape
+    flat = vol.reshape(-1)
+    hi = torch.tensor([n - 1 for n in shape], dtype=pts.dtype)
+    top = torch.tensor([max(n - 2, 0) for n in shape], dtype=pts.dtype)
+    stride = (shape[1] * shape[2], shape[2], 1)
+    s0, s1, s2 = (stride[a] if shape[a] > 1 else 0 for a in range(3))  # 1 voxel: no step
+    out = torch.empty(pts.shape[0], dtype=vol.dtype)
+    for start in range(0, pts.shape[0], GATHER_CHUNK):
+        p = pts[start:start + GATHER_CHUNK]
+        c = torch.minimum(p.nan_to_num(0.0).clamp(min=0), hi)  # NaN: voxel 0, no crash
+        lo = torch.minimum(c.floor(), top)  # the last voxel is reached with weight 1
+        w = (c - lo).to(vol.dtype).T
+        lo = lo.long()
+        base = lo[:, 0] * stride[0] + lo[:, 1] * stride[1] + lo[:, 2]
+        v = [flat.take(base + o) if o else flat.take(base) for o in
+             (0, s2, s1, s1 + s2, s0, s0 + s2, s0 + s1, s0 + s1 + s2)]
+        lower = torch.lerp(torch.lerp(v[0], v[1], w[2]), torch.lerp(v[2], v[3], w[2]), w[1])
+        upper = torch.lerp(torch.lerp(v[4], v[5], w[2]), torch.lerp(v[6], v[7], w[2]), w[1])
+        res = torch.lerp(lower, upper, w[0])
+        outside = _outside(p, hi, boundary)
+        if outside is not None:
+            res[outside] = fill
+        out[start:start + GATHER_CHUNK] = res
+    return out
+
+
 def sample_linear(
     vol: torch.Tensor,
     coords: torch.Tensor,
@@ -51,8 +152,10 @@ def sample_linear(
     """Trilinearly interpolate ``vol`` (X, Y, Z[, C]) at ``coords`` (..., 3).
 
     Returns an array of shape ``coords.shape[:-1] (+ (C,))`` in ``vol``'s (floating) dtype.
-    Runs on ``torch.nn.functional.grid_sample`` with border padding (which clamps the
-    sample point to the grid); the ``"zeros"`` rule then fills the points off the grid.
+    One channel on a CPU without autograd: the eight neighbours are gathered directly;
+    otherwise it runs on ``torch.nn.functional.grid_sample`` with border padding (which clamps the
+    sample point to the grid). The ``"zeros"`` and ``"itk"`` rules then fill the points
+    off the grid.
 
     >>> v = torch.arange(8.0).reshape(2, 2, 2)
     >>> sample_linear(v, torch.tensor([[0.5, 0.5, 0.5], [1.0, 1.0, 1.0], [1.2, 0, 0]]))
@@ -72,22 +175,15 @@ def sample_linear(
         raise ValueError(f"expected a (X, Y, Z[, C]) volume, got shape {tuple(vol.shape)}")
     if not vol.is_floating_point():
         vol = vol.float()
-    inp = vol.permute(3, 0, 1, 2)[None]  # (1, C, X, Y, Z)
     lead = coords.shape[:-1]
     pts = coords.reshape(-1, 3)
-    hi = torch.tensor([n - 1 for n in vol.shape[:3]], dtype=torch.float64, device=vol.device)
-    out = torch.empty((pts.shape[0], vol.shape[3]), dtype=vol.dtype, device=vol.device)
-    for start in range(0, pts.shape[0], CHUNK):
-        p = pts[start:start + CHUNK].to(vol.device, torch.float64)
-        grid = to_grid_sample(p, vol.shape[:3]).to(vol.dtype)  # normalised in float64
-        res = F.grid_sample(inp, grid.view(1, 1, 1, -1, 3), mode="bilinear",
-                            padding_mode="border", align_corners=True)
-        res = res.view(vol.shape[3], -1).T
-        if boundary == "zeros":
-            res[((p < 0) | (p > hi)).any(dim=-1)] = fill
-        elif boundary == "itk":
-            res[((p < -0.5) | (p >= hi + 0.5)).any(dim=-1)] = fill
-        out[start:start + CHUNK] = res
+    tracked = torch.is_grad_enabled() and (vol.requires_grad or coords.requires_grad)
+    if vol.shape[3] == 1 and not tracked and vol.device.type == pts.device.type == "cpu":
+        if not pts.is_floating_point():
+            pts = pts.double()
+        out = _linear_gather(vol[..., 0].contiguous(), pts, boundary, fill)[:, None]
+    else:
+        out = _linear_grid_sample(vol, pts, boundary, fill)
     out = out.reshape(*lead, vol.shape[3])
     return out[..., 0] if squeeze else out
 

@@ -89,15 +89,19 @@ def field_to_itk(field: DisplacementField) -> tuple[np.ndarray, np.ndarray]:
     """ITK ``DisplacementFieldTransform`` parameters and fixed parameters (LPS).
 
     Fixed parameters are size (3), origin (3), spacing (3) and direction (9, row-major);
-    parameters are the LPS vectors with x fastest and the components interleaved.
+    parameters are the LPS vectors with x fastest and the components interleaved, in the
+    field's own dtype (RAS to LPS only flips signs: exact in any precision).
     """
     origin, spacing, direction = _orientation(field.grid)
     fixed = np.concatenate(
         [np.asarray(field.grid.shape, dtype=np.float64), origin, spacing, direction.ravel()]
     )
-    lps = field.field.astype(np.float64) @ FLIP
-    params = np.ascontiguousarray(lps.transpose(2, 1, 0, 3)).ravel()
-    return params, fixed
+    vec = np.asarray(field.field)
+    if not np.issubdtype(vec.dtype, np.floating):
+        vec = vec.astype(np.float64)
+    params = np.empty(vec.shape[2::-1] + (3,), dtype=vec.dtype)  # (z, y, x, 3): x fastest
+    np.multiply(vec.transpose(2, 1, 0, 3), np.diag(FLIP).astype(vec.dtype), out=params)
+    return params.ravel(), fixed
 
 
 def field_from_itk(parameters, fixed) -> DisplacementField:
