@@ -47,12 +47,15 @@ def common(weights) -> list[str]:
             "--refine-affine", "1"]
 
 
+PASSES = ("--passes", "2")  # the participant run's U-Net runs as a cascade
+
+
 @pytest.fixture(scope="module")
 def participant_run(demo_bids, tiny_weights, tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     out, work = root / "out", root / "work"
     code = main([str(demo_bids), str(out), "participant", "-w", str(work),
-                 *common(tiny_weights["joint"])])
+                 *common(tiny_weights["joint"]), *PASSES])
     assert code == 0
     return out, work
 
@@ -94,6 +97,7 @@ def test_derivatives_are_found_as_fmriprep_looks_for_them(participant_run, demo_
         side = json.loads(Path(fwd.replace(".h5", ".json")).read_text())
         assert side["Mode"] == "joint" and side["Regularization"] == 0.5
         assert side["Refinement"] == {"Steps": 2, "Similarity": "ncc", "Lambda": 0.5}
+        assert side["NetworkPasses"] == 2
         # the coregistration ran with (and records) the same affine refinement
         affine_steps = {"Steps": 1, "Similarity": "mind"}
         assert side["AffineRefinement"] == affine_steps
@@ -156,14 +160,14 @@ def test_rerun_reuses_the_work_directory(participant_run, demo_bids, tiny_weight
     plugin = tmp_path / "plugin.yml"  # --use-plugin, here the Linear plugin
     plugin.write_text("plugin: Linear\nplugin_args: {}\n")
     assert main([str(demo_bids), str(out), "participant", "-w", str(work),
-                 "--use-plugin", str(plugin), *common(tiny_weights["joint"])]) == 0
+                 "--use-plugin", str(plugin), *common(tiny_weights["joint"]), *PASSES]) == 0
     assert registered and {p: p.stat().st_mtime_ns for p in registered} == stamps
     assert {p: p.read_bytes() for p in derivatives} == derivatives
     for text, kind in (("plugin_args: {n_procs: 2}\n", "bad_filter"),
                        ("plugin: NoSuchPlugin\n", "bad_filter")):
         plugin.write_text(text)
         code = main([str(demo_bids), str(out), "participant", "-w", str(work),
-                     "--use-plugin", str(plugin), *common(tiny_weights["joint"])])
+                     "--use-plugin", str(plugin), *common(tiny_weights["joint"]), *PASSES])
         assert code == EXIT[kind]
 
 

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network extent (default: 256)")
     r.add_argument("--weights", nargs="+", metavar="FILE",
                    help="model weights (default: the installed or embedded models)")
+    r.add_argument("--passes", type=positive, metavar="N",
+                   help="runs of the deformable network as a cascade (default: what the "
+                   "weights recommend)")
     r.add_argument("--refine", type=non_negative, metavar="N",
                    help="test-time refinement steps of the deformation (default: what the "
                    "weights recommend)")

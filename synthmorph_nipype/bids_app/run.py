@@ -69,6 +69,7 @@ def run_participant(args) -> int:
     similarity = args.refine_similarity or models.refine_similarity
     refine_lambda = (models.refine_weight(args.regularization) if args.refine_lambda is None
                      else args.refine_lambda)
+    passes = models.passes if args.passes is None else args.passes
     work = Path(args.work_dir).resolve()
     try:
         template = resolve_template(args.template, work / "templates")
@@ -85,7 +86,7 @@ def run_participant(args) -> int:
         mode=args.mode, regularization=args.regularization, weights=weights,
         weights_info=info, use_gpu=args.use_gpu, omp_nthreads=_omp(args),
         extent=args.extent, refine=refine, refine_similarity=similarity,
-        refine_affine=refine_affine, refine_lambda=refine_lambda,
+        refine_affine=refine_affine, refine_lambda=refine_lambda, passes=passes,
         write_lambda=models.deform is not None and models.deform.config.lambda_head)
     wf.base_dir = str(work)
     crashdir = output_dir / "logs"

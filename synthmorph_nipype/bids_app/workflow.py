@@ -38,6 +38,7 @@ def init_synthmorph_bids_wf(
     refine_similarity: str = "ncc",
     refine_affine: int = 0,
     refine_lambda: float = 0.5,
+    passes: int = 1,
     write_lambda: bool = False,
     name: str = "synthmorph_bids_wf",
 ) -> pe.Workflow:
@@ -54,8 +55,8 @@ def init_synthmorph_bids_wf(
         Derivatives root and raw dataset root.
     mode, regularization, weights, use_gpu, omp_nthreads, extent : various
         Registration settings (see :func:`~synthmorph_nipype.workflows.init_synthmorph_wf`).
-    refine, refine_similarity, refine_affine, refine_lambda, write_lambda : various
-        Refinement and output settings, as for the same function.
+    refine, refine_similarity, refine_affine, refine_lambda, passes, write_lambda : various
+        Network, refinement and output settings, as for the same function.
     weights_info : dict, optional
         What the sidecars record about the model (name, checksum).
     """
@@ -66,7 +67,7 @@ def init_synthmorph_bids_wf(
             mode=mode, regularization=regularization, weights=weights,
             weights_info=weights_info or {}, use_gpu=use_gpu, omp_nthreads=omp_nthreads,
             extent=extent, refine=refine, refine_similarity=refine_similarity,
-            refine_affine=refine_affine, refine_lambda=refine_lambda,
+            refine_affine=refine_affine, refine_lambda=refine_lambda, passes=passes,
             write_lambda=write_lambda)])
     return workflow
 
@@ -101,7 +102,7 @@ def init_single_unit_wf(*, unit: Unit, template: Template, output_dir, bids_dir,
                         regularization: float, weights, weights_info: dict, use_gpu: bool,
                         omp_nthreads: int, extent: int, refine: int = 0,
                         refine_similarity: str = "ncc", refine_affine: int = 0,
-                        refine_lambda: float = 0.5,
+                        refine_lambda: float = 0.5, passes: int = 1,
                         write_lambda: bool = False) -> pe.Workflow:
     """One subject/session: registration to the template, co-registrations, derivatives
     and the report."""
@@ -114,6 +115,7 @@ def init_single_unit_wf(*, unit: Unit, template: Template, output_dir, bids_dir,
     reg_meta = {"Mode": mode, "Extent": extent, "Template": template.name,
                 "TemplateSource": template.source, "SoftwareVersion": __version__,
                 **({"Regularization": regularization} if mode in DEFORM_MODES else {}),
+                **({"NetworkPasses": passes} if mode in DEFORM_MODES else {}),
                 **({"Refinement": {"Steps": refine, "Similarity": refine_similarity,
                                    "Lambda": refine_lambda}}
                    if refine and mode in DEFORM_MODES else {}),
@@ -126,6 +128,7 @@ def init_single_unit_wf(*, unit: Unit, template: Template, output_dir, bids_dir,
                                 weights=weights, refine=refine,
                                 refine_similarity=refine_similarity,
                                 refine_affine=refine_affine, refine_lambda=refine_lambda,
+                                passes=passes if mode in DEFORM_MODES else None,
                                 write_lambda=write_lambda and mode in DEFORM_MODES,
                                 name="template_reg_wf")
     reg_wf.inputs.inputnode.moving_image = unit.reference

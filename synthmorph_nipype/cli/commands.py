@@ -55,6 +55,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
         raise SynthMorphError("--refine applies to the deformable modes (joint, deform)")
     if args.refine_affine and args.mode == "deform":
         raise SynthMorphError("--refine-affine applies to the affine, rigid and joint modes")
+    if args.passes is not None and args.mode in AFFINE_MODES:
+        raise SynthMorphError("--passes applies to the deformable modes (joint, deform)")
 
 
 def _load_mask(path: str | None):
@@ -157,7 +159,7 @@ def register(args: argparse.Namespace) -> None:
                           refine=args.refine, lam=lam, refine_lambda=args.refine_lambda,
                           similarity=args.refine_similarity,
                           refine_affine=args.refine_affine, moving_mask=moving_mask,
-                          fixed_mask=fixed_mask)
+                          fixed_mask=fixed_mask, passes=args.passes)
     elapsed = time.perf_counter() - start
     with OutputSet() as out:
         for path in args.trans:
@@ -175,6 +177,9 @@ def register(args: argparse.Namespace) -> None:
         if args.out_lambda:
             save_image(result.lambda_map, out.temp(args.out_lambda))
     print(f"synthmorph register: {args.mode} registration done in {elapsed:.1f} s on {device}")
+    if "passes" in result.info:
+        print(f"synthmorph register: the deformable network ran in {result.info['passes']} "
+              "passes (a cascade)")
     if "refine_affine_loss" in result.info:
         losses = result.info["refine_affine_loss"]
         coarse = level_steps(result.info["refine_affine"])[0]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..models.affine import AffineDetector
 from ..models.joint import UNet, split_lambda
@@ -115,6 +116,54 @@ def _svf(unet: UNet, half_1: torch.Tensor, half_2: torch.Tensor
     return (0.5 * (a - b))[0].permute(1, 2, 3, 0).contiguous(), lam
 
 
+#: scaling-and-squaring steps of the half-way warps between passes of a cascade
+CASCADE_STEPS = 5
+
+
+def cascade_svf(unet: UNet, def_1: torch.Tensor, def_2: torch.Tensor, passes: int = 1
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The symmetric SVF of ``passes`` runs of the U-Net: each run after the first sees
+    both images warped half-way along the SVF so far (image 1 by ``exp(v / 2)``, image 2
+    by ``exp(-v / 2)``, so that they meet in the middle) and adds its own SVF, a
+    correction of what is left (summing SVFs composes their maps to first order). The
+    lambda map (spatially varying models) is the first run's.
+
+    >>> from synthmorph_nipype.models.joint import UNet, UNetConfig
+    >>> net = UNet(UNetConfig(enc_nf=(4, 4), dec_nf=(4, 4), add_nf=(4,)))
+    >>> img = torch.rand(16, 16, 16)
+    >>> one, _ = cascade_svf(net, img, img.flip(0))
+    >>> two, _ = cascade_svf(net, img, img.flip(0), passes=2)
+    >>> one.shape == two.shape and not torch.equal(one, two)
+    True
+    """
+    if passes < 1:
+        raise ValueError(f"a cascade runs the network at least once, got {passes} passes")
+    svf, lam = _svf(unet, def_1, def_2)
+    grid = voxel_grid(def_1.shape, device=def_1.device)
+    for _ in range(passes - 1):
+        half_1, half_2 = _half_way(svf, unet.config.prepool)
+        more, _ = _svf(unet, sample_linear(def_1, grid + half_1),
+                       sample_linear(def_2, grid + half_2))
+        svf = svf + more
+    return svf, lam
+
+
+def _half_way(svf: torch.Tensor, pool: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The displacements of ``exp(svf / 2)`` and ``exp(-svf / 2)`` on the SVF's grid,
+    integrated on the grid the U-Net works on (``pool`` times coarser; a U-Net that
+    pools its input gives fields that are smooth at that scale), then upsampled: the
+    integrations cost ``pool**3`` times less."""
+    field = 0.5 * svf.permute(3, 0, 1, 2)[None]
+    if pool > 1:
+        field = F.avg_pool3d(field, pool) / pool
+    both = integrate_svf(torch.cat([field, -field]).permute(0, 2, 3, 4, 1), CASCADE_STEPS)
+    if pool > 1:  # pooled voxel k sits at fine voxel pool * k + (pool - 1) / 2
+        both = pool * F.interpolate(both.permute(0, 4, 1, 2, 3), size=svf.shape[:3],
+                                    mode="trilinear", align_corners=False
+                                    ).permute(0, 2, 3, 4, 1)
+    return both[0], both[1]
+
+
 def _half_total(disp: torch.Tensor, half_aff: np.ndarray) -> torch.Tensor:
     """Total map on the half-resolution grid into full-resolution indices, minus ``y``:
     ``H (w + d(w)) - y`` with ``w = H y / 2``."""
@@ -189,19 +238,20 @@ def run_deformable(unet: UNet, inp_1: torch.Tensor, inp_2: torch.Tensor, *, step
                    detector: AffineDetector | None = None, keep: bool = False,
                    refine: int = 0, lam: float = 0.5, similarity: str = "ncc",
                    refine_affine: int = 0, masks: Masks = (None, None),
-                   inverse: bool = True) -> NetworkOutput:
+                   inverse: bool = True, passes: int = 1) -> NetworkOutput:
     """Deformable (``detector=None``: the inputs are already affinely aligned) or joint
     registration, with the deformable step in the affine mid-space. ``refine`` > 0
     optimises the network's SVF on the pair for that many steps (see
     :func:`~synthmorph_nipype.engine.refine.refine_svf`), ``refine_affine`` > 0 the
     detector's matrix first; both refinements count the similarity inside ``masks``
     only (conformed like the images; None: everywhere). ``inverse=False`` leaves
-    ``out_2`` None (its integration is the costliest step after the refinements)."""
+    ``out_2`` None (its integration is the costliest step after the refinements).
+    ``passes`` > 1 runs the U-Net as a cascade (:func:`cascade_svf`)."""
     extent = inp_1.shape[0]
     stages: dict = {}
     def_1, def_2, half_aff_1, half_aff_2, affine_1 = deformable_inputs(
         inp_1, inp_2, detector, refine_affine, stages, masks)
-    svf, lam_map = _svf(unet, def_1, def_2)
+    svf, lam_map = cascade_svf(unet, def_1, def_2, passes)
     if refine > 0:
         grid = def_1.shape
         mid = tuple(None if m is None else

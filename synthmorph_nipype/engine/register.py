@@ -78,7 +78,7 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
              outputs: tuple[str, ...] = ("forward", "inverse"), refine: int | None = None,
              lam: float = 0.5, similarity: str | None = None,
              refine_affine: int | None = None, moving_mask=None, fixed_mask=None,
-             refine_lambda: float | None = None) -> Registration:
+             refine_lambda: float | None = None, passes: int | None = None) -> Registration:
     """Register ``moving`` to ``fixed`` (nibabel images, any orientation and voxel size).
 
     Parameters
@@ -119,6 +119,10 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
         ``None`` takes what the weights recommend (``models.refine_affine``: 0 for
         FreeSurfer's, the embedded models' model card gives theirs), 0 keeps the
         network's matrix.
+    passes : int, optional
+        Runs of the deformable network as a cascade, each on the images warped by the
+        runs before (:func:`~synthmorph_nipype.engine.network.cascade_svf`); ``None``
+        takes what the weights recommend (``models.passes``: 1 for FreeSurfer's).
     moving_mask, fixed_mask : nibabel.spatialimages.SpatialImage, optional
         As ANTs' ``-x`` (any grid covering the image; non-zero is inside): the
         refinements' similarity counts only voxels inside them, dilated by
@@ -157,6 +161,11 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
         similarity = models.refine_similarity
     if refine_lambda is None:
         refine_lambda = models.refine_weight(lam)
+    if passes is None:
+        passes = models.passes if mode in DEFORM_MODES else 1
+    if passes < 1:
+        raise SynthMorphError(f"the deformable network runs at least once, got {passes} "
+                              "passes")
     if not 0 <= refine_lambda < 1:
         raise SynthMorphError(f"the refinement's smoothness weight must lie in [0, 1), "
                               f"got {refine_lambda}")
@@ -174,7 +183,9 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
     out = run_deformable(models.deform, inp_1, inp_2, steps=steps, detector=detector,
                          refine=refine, lam=refine_lambda, similarity=similarity,
                          refine_affine=refine_affine if detector is not None else 0,
-                         masks=masks, inverse="inverse" in outputs)
+                         masks=masks, inverse="inverse" in outputs, passes=passes)
+    if passes > 1:
+        info["passes"] = passes
     if "refine_affine_loss" in out.stages:
         info["refine_affine_loss"] = out.stages["refine_affine_loss"]
     if refine:

@@ -47,6 +47,8 @@ class Models:
     # the smoothness weight of the deformable refinement (``refine_lambda`` metadata;
     # None: the registration's regularisation weight)
     refine_lambda: float | None = None
+    # runs of the U-Net as a cascade (``passes`` metadata; FreeSurfer's: one, as trained)
+    passes: int = 1
 
     def refine_weight(self, lam: float) -> float:
         """The refinement's smoothness weight: the weights' advice, else ``lam``."""
@@ -110,6 +112,7 @@ def load_models(mode: str, files: list[Path], *, lam: float = 0.5) -> Models:
     refine_affine = refine = 0
     similarity = "ncc"
     refine_lambda = None
+    passes = 1
     for path in files:
         if not Path(path).is_file():
             raise WeightsError(f"{path}: weights file not found")
@@ -122,6 +125,10 @@ def load_models(mode: str, files: list[Path], *, lam: float = 0.5) -> Models:
         if found_deform is not None and want_deform and deform is None:
             refine = int(meta.get("refine", 0))
             similarity = str(meta.get("refine_similarity", "ncc"))
+            passes = int(meta.get("passes", 1))
+            if passes < 1:
+                raise WeightsError(f"{path}: its passes {passes} is below 1; set another "
+                                   "with scripts/recommend.py --passes")
             if "refine_lambda" in meta:
                 refine_lambda = float(meta["refine_lambda"])
                 if not 0 <= refine_lambda < 1:
@@ -140,4 +147,4 @@ def load_models(mode: str, files: list[Path], *, lam: float = 0.5) -> Models:
     if affine is not None and affine.config.rigid != rigid:
         affine.config = dataclasses.replace(affine.config, rigid=rigid)
     return Models(affine, deform, tuple(str(f) for f in files), refine_affine, refine,
-                  similarity, refine_lambda)
+                  similarity, refine_lambda, passes)

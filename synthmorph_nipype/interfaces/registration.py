@@ -114,6 +114,9 @@ class SynthMorphRegisterInputSpec(_SynthMorphInputSpec):
     weights = InputMultiObject(File(exists=True), argstr="-w %s...",
                                desc="model weights (.pt or FreeSurfer .h5); default: the "
                                "installed/embedded models")
+    passes = traits.Range(low=1, argstr="--passes %d",
+                          desc="runs of the deformable network as a cascade (unset: what "
+                          "the weights recommend)")
     refine = traits.Range(low=0, argstr="--refine %d",
                           desc="test-time refinement steps of the deformable field")
     refine_similarity = traits.Enum(*IMAGE_SIMILARITIES, argstr="--refine-similarity %s",

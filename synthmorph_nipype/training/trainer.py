@@ -48,7 +48,8 @@ STATE = "synthmorph-nipype-training"
 RESUMABLE = {"steps", "threads", "device", "val_every", "ckpt_every", "affine_weights",
              "lr_decay_start", "lr_final", "grad_clip"}
 # test-time refinement a starting model recommends: a model fine-tuned from it keeps it
-RECOMMENDATIONS = ("refine_affine", "refine", "refine_similarity", "refine_lambda")
+RECOMMENDATIONS = ("refine_affine", "refine", "refine_similarity", "refine_lambda",
+                   "passes")
 
 
 def starting_weights(paths: str | list[str]) -> dict:

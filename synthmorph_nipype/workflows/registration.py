@@ -40,6 +40,7 @@ def init_synthmorph_wf(
     refine_affine: int | None = None,
     write_lambda: bool = False,
     refine_lambda: float | None = None,
+    passes: int | None = None,
     name: str = "synthmorph_wf",
 ) -> pe.Workflow:
     """Register a moving image to a fixed one with SynthMorph.
@@ -85,6 +86,9 @@ def init_synthmorph_wf(
     refine_affine : :obj:`int` or None
         Test-time refinement steps of the affine node (0: the network's matrix; None:
         what the weights recommend).
+    passes : :obj:`int` or None
+        Runs of the deformable network as a cascade, each on the images warped by the
+        runs before (None: what the weights recommend).
     write_lambda : :obj:`bool`
         Deformable modes with a spatially varying model: also output its voxel-wise
         regularisation weight (``outputnode.lambda_map``, on the fixed grid).
@@ -156,6 +160,8 @@ def init_synthmorph_wf(
             deform_reg.inputs.refine_similarity = refine_similarity
         if refine_lambda is not None:
             deform_reg.inputs.refine_lambda = refine_lambda
+        if passes is not None:
+            deform_reg.inputs.passes = passes
         deform_reg.inputs.write_lambda = write_lambda
         if write_lambda:
             workflow.connect(deform_reg, "lambda_map", outputnode, "lambda_map")
