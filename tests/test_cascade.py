@@ -91,6 +91,9 @@ def test_passes_come_from_the_weights_and_reach_every_layer(nipype_pair, tmp_pat
     assert np.abs(two - one).max() > 1e-3  # the second pass changed the field
     with pytest.raises(SynthMorphError, match="at least once"):
         field(passes=0)
+    with pytest.raises(SynthMorphError, match="deformable modes"):  # not silently ignored
+        register(moving, fixed, models, mode="affine", extent=192, refine_affine=0,
+                 passes=2)
     base = ["register", "-e", "192", "-j", "1", "-w", str(advised), "--refine", "0",
             "--refine-affine", "0", str(nipype_pair["moving"]), str(nipype_pair["fixed"]),
             "-t", str(tmp_path / "f.h5")]

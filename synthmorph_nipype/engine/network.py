@@ -12,12 +12,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..models.affine import AffineDetector
 from ..models.joint import UNet, split_lambda
 from ..ops.grid import affine_points, centred_to_index, index_to_centred, voxel_grid
-from ..ops.integrate import integrate_svf
+from ..ops.integrate import half_way, integrate_svf
 from ..ops.linalg import sqrtm
 from ..ops.sampling import sample_linear
 from .refine import refine_matrix, refine_svf
@@ -116,10 +115,6 @@ def _svf(unet: UNet, half_1: torch.Tensor, half_2: torch.Tensor
     return (0.5 * (a - b))[0].permute(1, 2, 3, 0).contiguous(), lam
 
 
-#: scaling-and-squaring steps of the half-way warps between passes of a cascade
-CASCADE_STEPS = 5
-
-
 def cascade_svf(unet: UNet, def_1: torch.Tensor, def_2: torch.Tensor, passes: int = 1
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The symmetric SVF of ``passes`` runs of the U-Net: each run after the first sees
@@ -141,27 +136,11 @@ def cascade_svf(unet: UNet, def_1: torch.Tensor, def_2: torch.Tensor, passes: in
     svf, lam = _svf(unet, def_1, def_2)
     grid = voxel_grid(def_1.shape, device=def_1.device)
     for _ in range(passes - 1):
-        half_1, half_2 = _half_way(svf, unet.config.prepool)
+        half_1, half_2 = half_way(svf, unet.config.prepool)
         more, _ = _svf(unet, sample_linear(def_1, grid + half_1),
                        sample_linear(def_2, grid + half_2))
         svf = svf + more
     return svf, lam
-
-
-def _half_way(svf: torch.Tensor, pool: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The displacements of ``exp(svf / 2)`` and ``exp(-svf / 2)`` on the SVF's grid,
-    integrated on the grid the U-Net works on (``pool`` times coarser; a U-Net that
-    pools its input gives fields that are smooth at that scale), then upsampled: the
-    integrations cost ``pool**3`` times less."""
-    field = 0.5 * svf.permute(3, 0, 1, 2)[None]
-    if pool > 1:
-        field = F.avg_pool3d(field, pool) / pool
-    both = integrate_svf(torch.cat([field, -field]).permute(0, 2, 3, 4, 1), CASCADE_STEPS)
-    if pool > 1:  # pooled voxel k sits at fine voxel pool * k + (pool - 1) / 2
-        both = pool * F.interpolate(both.permute(0, 4, 1, 2, 3), size=svf.shape[:3],
-                                    mode="trilinear", align_corners=False
-                                    ).permute(0, 2, 3, 4, 1)
-    return both[0], both[1]
 
 
 def _half_total(disp: torch.Tensor, half_aff: np.ndarray) -> torch.Tensor:

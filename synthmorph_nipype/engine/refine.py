@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.grid import REVERSED, normalised_matrix, voxel_grid
-from ..ops.integrate import integrate_svf
+from ..ops.integrate import integrate_svf, pool_field, upsample_field
 from ..ops.linalg import rotation_exp
 from ..ops.optim import Adam
 from ..ops.regularity import grad_l2, weighted_grad_l2
@@ -141,8 +141,7 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
             out[box] += (refined - start) * _taper(box, svf.shape[:3], crop_margin, svf)
             return out, history
     if pool > 1:
-        coarse = F.avg_pool3d(svf.permute(3, 0, 1, 2)[None], pool) / pool
-        start = coarse[0].permute(1, 2, 3, 0)
+        start = pool_field(svf, pool)
         img_1, img_2 = (F.avg_pool3d(x[None, None].float(), pool)[0, 0]
                         for x in (image_1, image_2))
         refined, history = refine_svf(start, img_1, img_2, iterations=iterations, lam=lam,
@@ -153,11 +152,7 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
                                       warp_features=warp_features,
                                       exact_gradient=exact_gradient,
                                       crop_margin=crop_margin)
-        change = (refined - start).permute(3, 0, 1, 2)[None]
-        # pooled voxel k sits at fine voxel pool * k + (pool - 1) / 2: align_corners=False
-        fine = F.interpolate(change, size=svf.shape[:3], mode="trilinear",
-                             align_corners=False)
-        return svf + pool * fine[0].permute(1, 2, 3, 0), history
+        return svf + upsample_field(refined - start, svf.shape[:3], pool), history
     grid = voxel_grid(image_1.shape, dtype=svf.dtype, device=svf.device)
     compare = _symmetric_similarity(similarity, image_1, image_2, warp_features)
     w = None if weight is None else weight[None, None].to(svf)

@@ -163,6 +163,9 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
         refine_lambda = models.refine_weight(lam)
     if passes is None:
         passes = models.passes if mode in DEFORM_MODES else 1
+    elif mode not in DEFORM_MODES and passes != 1:
+        raise SynthMorphError(f"passes applies to the deformable modes (joint, deform), "
+                              f"not {mode!r}")
     if passes < 1:
         raise SynthMorphError(f"the deformable network runs at least once, got {passes} "
                               "passes")

@@ -45,3 +45,62 @@ def integrate_svf(svf: torch.Tensor, steps: int = 7) -> torch.Tensor:
                             padding_mode="border", align_corners=True)
     out = v.permute(0, 2, 3, 4, 1)[..., REVERSED] / scale
     return out if batched else out[0]
+
+
+def pool_field(field: torch.Tensor, pool: int) -> torch.Tensor:
+    """A channels-last displacement ``(X, Y, Z, 3)`` or ``(B, X, Y, Z, 3)`` (voxels) on a
+    grid ``pool`` times coarser, in the coarse grid's voxels: each coarse voxel holds the
+    mean of its ``pool**3`` fine voxels, divided by ``pool``. Coarse voxel ``k`` sits at
+    fine voxel ``pool * k + (pool - 1) / 2``; :func:`upsample_field` goes back.
+
+    >>> pool_field(torch.full((4, 4, 4, 3), 2.0), 2).shape, float(pool_field(
+    ...     torch.full((4, 4, 4, 3), 2.0), 2).max())
+    (torch.Size([2, 2, 2, 3]), 1.0)
+    """
+    if pool == 1:
+        return field
+    batched = field.ndim == 5
+    x = (field if batched else field[None]).permute(0, 4, 1, 2, 3)
+    out = (F.avg_pool3d(x, pool) / pool).permute(0, 2, 3, 4, 1)
+    return out if batched else out[0]
+
+
+def upsample_field(field: torch.Tensor, shape, pool: int) -> torch.Tensor:
+    """The inverse of :func:`pool_field`: a coarse channels-last displacement back on the
+    fine grid of ``shape`` (trilinear, coarse voxel ``k`` at fine ``pool * k + (pool - 1)
+    / 2``), in the fine grid's voxels.
+
+    >>> fine = torch.zeros(8, 8, 8, 3); fine[..., 0] = torch.arange(8.0)[:, None, None]
+    >>> back = upsample_field(pool_field(fine, 2), (8, 8, 8), 2)
+    >>> torch.allclose(back[1:-1], fine[1:-1])  # a linear field, away from the edges
+    True
+    """
+    if pool == 1:
+        return field
+    batched = field.ndim == 5
+    x = (field if batched else field[None]).permute(0, 4, 1, 2, 3)
+    out = pool * F.interpolate(x, size=tuple(shape), mode="trilinear", align_corners=False)
+    out = out.permute(0, 2, 3, 4, 1)
+    return out if batched else out[0]
+
+
+#: scaling-and-squaring steps of the half-way warps between the passes of a cascade
+HALF_WAY_STEPS = 5
+
+
+def half_way(svf: torch.Tensor, pool: int = 1, steps: int = HALF_WAY_STEPS
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The displacements of ``exp(svf / 2)`` and ``exp(-svf / 2)`` on the SVF's grid
+    (channels last, voxels), integrated on a grid ``pool`` times coarser and upsampled:
+    for an SVF smooth at that scale (a U-Net that pools its input) the integrations cost
+    ``pool**3`` times less.
+
+    >>> svf = torch.zeros(4, 4, 4, 3); svf[..., 1] = 2.0
+    >>> a, b = half_way(svf)
+    >>> float(a[..., 1].mean()), float(b[..., 1].mean())
+    (1.0, -1.0)
+    """
+    field = pool_field(0.5 * svf, pool)
+    both = integrate_svf(torch.stack([field, -field]), steps)
+    both = upsample_field(both, svf.shape[:3], pool)
+    return both[0], both[1]

@@ -82,6 +82,9 @@ class TrainConfig:
     prior_alpha: float = 1.1  # Chen et al. tuned alpha - 1 within [0.01, 0.2]
     penalty_weight: float = 1.0
     int_steps: int = 7
+    # joint: train the U-Net as a cascade of this many passes (the loss sees their sum;
+    # the exported weights recommend as many, the engine's --passes)
+    passes: int = 1
     val_pairs: int = 8
     val_every: int = 250
     ckpt_every: int = 50
@@ -134,6 +137,8 @@ class TrainConfig:
                              "be >= 0")
         if self.spatial_lambda and self.model != "joint":
             raise ValueError("spatial_lambda needs the joint model")
+        if self.passes < 1 or (self.passes > 1 and self.model != "joint"):
+            raise ValueError("passes must be >= 1, and > 1 only for the joint model")
         if self.prior_alpha < 1 or self.penalty_weight < 0:
             raise ValueError("prior_alpha must be >= 1 and penalty_weight >= 0")
         if self.voxel_mm not in (2.0, 4.0):

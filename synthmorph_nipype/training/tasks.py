@@ -23,7 +23,7 @@ from ..models.affine import AffineConfig, AffineDetector
 from ..models.joint import HyperUNet, UNet, UNetConfig, split_lambda
 from ..models.layers import HyperConv3d
 from ..ops.grid import apply_affine, centred_to_index, voxel_grid
-from ..ops.integrate import integrate_svf
+from ..ops.integrate import half_way, integrate_svf
 from ..ops.jacobian import folding_percent
 from ..ops.regularity import beta_prior, grad_l2, weighted_grad_l2
 from ..ops.sampling import sample_linear
@@ -205,6 +205,11 @@ class DeformTask(Task):
     is a plain U-Net that also predicts a voxel-wise weight map ``lambda(x)`` (the mean of
     both passes), and the objective is ``similarity + penalty_weight * mean(lambda |grad
     u|^2) + (1 - prior_alpha) * mean(log lambda)`` (a Beta(alpha, 1) prior on lambda).
+
+    ``passes`` > 1 trains the U-Net as the cascade the engine runs
+    (:func:`~synthmorph_nipype.engine.network.cascade_svf`): each later pass sees both
+    images warped half-way along the SVF so far and adds its own; the loss sees the sum.
+    The half-way warps carry no gradient (each pass learns from what the sum misses).
     """
 
     name = "joint"
@@ -212,8 +217,11 @@ class DeformTask(Task):
     def __init__(self, config: UNetConfig, similarity: str = "label_mse",
                  regularizer: str = "grad_l2", steps: int = 7, loss_stride: int = 2,
                  prior_alpha: float = 1.1, penalty_weight: float = 1.0,
-                 supervised_weight: float = 0.0):
+                 supervised_weight: float = 0.0, passes: int = 1):
+        if passes < 1:
+            raise ValueError(f"a cascade runs the network at least once, got {passes} passes")
         self.supervised_weight = float(supervised_weight)
+        self.passes = int(passes)
         self.spatial = config.lambda_head
         self.model = UNet(config) if self.spatial else HyperUNet(config)
         init_weights(self.model)
@@ -231,19 +239,30 @@ class DeformTask(Task):
         self.stride = int(loss_stride)
         self.prior_alpha, self.penalty_weight = float(prior_alpha), float(penalty_weight)
 
-    def fields(self, pair: Pair, lam: float | torch.Tensor, autocast=nullcontext):
-        """Displacements (channels last, voxels) fixed -> moving and moving -> fixed, and
-        the voxel-wise weight map ``(1, 1, *s)`` of a lambda head (else None)."""
-        x12 = torch.cat([pair.image_1, pair.image_2], 1)
-        x21 = torch.cat([pair.image_2, pair.image_1], 1)
+    def _svf(self, image_1: torch.Tensor, image_2: torch.Tensor, lam, autocast):
+        """One symmetric pass: the SVF (channels last) and the lambda head's map."""
+        x12, x21 = torch.cat([image_1, image_2], 1), torch.cat([image_2, image_1], 1)
         with autocast():
             if self.spatial:
                 a, b = self.model(x12), self.model(x21)
             else:
                 a, b = self.model(x12, lam), self.model(x21, lam)
         (a, lam_a), (b, lam_b) = split_lambda(a.float()), split_lambda(b.float())
-        svf = (0.5 * (a - b))[0].permute(1, 2, 3, 0)
         lam_map = None if lam_a is None else 0.5 * (lam_a + lam_b)
+        return (0.5 * (a - b))[0].permute(1, 2, 3, 0), lam_map
+
+    def fields(self, pair: Pair, lam: float | torch.Tensor, autocast=nullcontext):
+        """Displacements (channels last, voxels) fixed -> moving and moving -> fixed, and
+        the voxel-wise weight map ``(1, 1, *s)`` of a lambda head (else None)."""
+        svf, lam_map = self._svf(pair.image_1, pair.image_2, lam, autocast)
+        if self.passes > 1:
+            grid = voxel_grid(svf.shape[:3], dtype=svf.dtype, device=svf.device)
+        for _ in range(self.passes - 1):
+            with torch.no_grad():
+                half_1, half_2 = half_way(svf.detach())
+                moved = [_warped(img, grid + h) for img, h in
+                         ((pair.image_1, half_1), (pair.image_2, half_2))]
+            svf = svf + self._svf(*moved, lam, autocast)[0]
         return integrate_svf(svf, self.steps), integrate_svf(-svf, self.steps), lam_map
 
     @staticmethod
@@ -300,6 +319,12 @@ class DeformTask(Task):
 
     def export(self):
         return {"deform": self.model}
+
+
+def _warped(image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """An image ``(1, C, *s)`` sampled (trilinear) at ``points`` ``(*s, 3)``, channel by
+    channel."""
+    return torch.stack([sample_linear(c, points) for c in image[0].float()])[None].to(image)
 
 
 def end_point_error(disp: torch.Tensor, truth: torch.Tensor, onehot_fixed: torch.Tensor,

@@ -269,7 +269,8 @@ class Trainer:
             kwargs["supervised_weight"] = config.supervised_weight
         if config.model == "joint":
             kwargs.update(regularizer=config.regularizer, steps=config.int_steps,
-                          prior_alpha=config.prior_alpha, penalty_weight=config.penalty_weight)
+                          prior_alpha=config.prior_alpha, penalty_weight=config.penalty_weight,
+                          passes=config.passes)
         self.detector = self.images = None
         self.recommended: dict = {}  # refinement settings the starting model recommends
         task_name, model_config, init = config.model, config.model_config(), None
@@ -393,6 +394,8 @@ class Trainer:
             parts["affine"] = self.detector  # fine-tuned models keep their detector
         meta = {"trained_steps": self.step, "date": datetime.now(UTC).date().isoformat(),
                 "training_config": json.dumps(self.config.to_dict()), **self.recommended}
+        if self.config.passes > 1:  # trained as a cascade: run as one
+            meta["passes"] = self.config.passes
         if self.config.model == "joint" and self.config.affine_weights:
             bundled = load_checkpoint(self.config.affine_weights)
             parts["affine"] = bundled["affine"]
