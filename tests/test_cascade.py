@@ -17,20 +17,25 @@ from synthmorph_nipype.interfaces import SynthMorphRegister
 from synthmorph_nipype.models.checkpoint import load_checkpoint, save_checkpoint
 from synthmorph_nipype.models.joint import UNetConfig
 from synthmorph_nipype.ops.grid import voxel_grid
+from synthmorph_nipype.ops.integrate import upsample_field
 from synthmorph_nipype.ops.sampling import sample_linear
 from synthmorph_nipype.workflows import init_synthmorph_wf
 
 
 class CentroidNet(torch.nn.Module):
     """A stand-in for the U-Net that sees only how far apart its two images' centres of
-    mass are and predicts a constant field covering ``share`` of that distance."""
+    mass are and predicts a constant field covering ``share`` of that distance (on the
+    grid it is given: with ``prepool`` the engine hands it the pooled images)."""
 
     def __init__(self, share: float, prepool: int = 1):
         super().__init__()
         self.share = share
-        self.config = UNetConfig(prepool=prepool)  # the cascade integrates at that scale
+        self.config = UNetConfig(prepool=prepool)
+        self.grids = []  # the grid of every call
 
-    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+    def forward(self, pair: torch.Tensor, pooled: bool = False) -> torch.Tensor:
+        assert pooled == (self.config.prepool > 1)
+        self.grids.append(tuple(pair.shape[2:]))
         grid = voxel_grid(pair.shape[2:])
         centres = [(grid * im[..., None]).sum((0, 1, 2)) / im.sum() for im in pair[0]]
         shift = self.share * (centres[0] - centres[1])  # image 2 point -> image 1 point
@@ -41,8 +46,8 @@ class CentroidNet(torch.nn.Module):
 def test_each_pass_corrects_what_the_passes_before_left(prepool):
     """A network that finds half of a shift leaves half after one pass, a quarter after
     two, an eighth after three: each pass sees the images warped by the SVF so far, in
-    the right direction (the wrong one would leave more after every pass), whether the
-    half-way warps are integrated on the SVF's grid or on a pooled one."""
+    the right direction (the wrong one would leave more after every pass). A U-Net that
+    pools its inputs gets them pooled, and the SVF stays on its grid, in its voxels."""
     n = 40
     grid = voxel_grid((n, n, n))
     shift = torch.tensor([3.0, -2.0, 1.5])
@@ -51,15 +56,18 @@ def test_each_pass_corrects_what_the_passes_before_left(prepool):
 
     centre = torch.full((3,), (n - 1) / 2)
     image_2, image_1 = blob(centre), blob(centre + shift)
-    left = []
+    left, m = [], n // prepool
     for passes in (1, 2, 3):
-        svf, lam = cascade_svf(CentroidNet(0.5, prepool), image_1, image_2, passes)
-        assert lam is None and svf.shape == (n, n, n, 3)
-        left.append(float((svf[n // 2, n // 2, n // 2] - shift).norm() / shift.norm()))
-    np.testing.assert_allclose(left, [0.5, 0.25, 0.125], atol=0.02)
+        net = CentroidNet(0.5, prepool)
+        svf, lam = cascade_svf(net, image_1, image_2, passes)
+        assert lam is None and svf.shape == (m, m, m, 3)
+        assert net.grids == [(m, m, m)] * 2 * passes  # both directions each pass
+        found = prepool * svf[m // 2, m // 2, m // 2]  # in the images' voxels
+        left.append(float((found - shift).norm() / shift.norm()))
+    np.testing.assert_allclose(left, [0.5, 0.25, 0.125], atol=0.03)
     # the result pulls image 1 onto image 2
-    moved = sample_linear(image_1, grid + cascade_svf(CentroidNet(0.5, prepool), image_1,
-                                                       image_2, 6)[0])
+    svf = cascade_svf(CentroidNet(0.5, prepool), image_1, image_2, 6)[0]
+    moved = sample_linear(image_1, grid + upsample_field(svf, (n, n, n), prepool))
     assert float((moved - image_2).abs().max()) < 0.05
     with pytest.raises(ValueError, match="at least once"):
         cascade_svf(CentroidNet(0.5), image_1, image_2, 0)

@@ -42,15 +42,23 @@ def noise(mode: str, key: str) -> tuple[float, float]:
     return entry["maxabs"], entry["rms"]
 
 
+#: float32 steps of the largest reference value that any comparison allows: the official
+#: noise was measured on one CPU, and another one's kernels round in another order (the
+#: rigid inverse LTA of this kit differs by 10 such steps, rms, on some Xeons)
+ULPS = 16
+
+
 def check(mode: str, key: str, ours, ref, tol_key: str | None = None) -> None:
-    """Max-abs within 4x and RMS within 3x the official run-to-run noise."""
+    """Max-abs within 4x and RMS within 3x the official run-to-run noise (at least
+    :data:`ULPS` float32 steps of the reference's largest value)."""
     diff = np.asarray(ours, np.float64) - np.asarray(ref, np.float64)
     max_abs, rms = float(np.abs(diff).max()), float(np.sqrt((diff**2).mean()))
     scale = float(np.abs(ref).max())
     REPORT[f"{mode}/{key}"] = (max_abs, rms, max_abs / scale if scale else 0.0)
     noise_max, noise_rms = noise(mode, tol_key or key)
-    assert max_abs <= max(4 * noise_max, 1e-5), f"{mode} {key}: max {max_abs:.3g}"
-    assert rms <= max(3 * noise_rms, 1e-6), f"{mode} {key}: rms {rms:.3g}"
+    floor = ULPS * float(np.finfo(np.float32).eps) * scale
+    assert max_abs <= max(4 * noise_max, 1e-5, floor), f"{mode} {key}: max {max_abs:.3g}"
+    assert rms <= max(3 * noise_rms, 1e-6, floor), f"{mode} {key}: rms {rms:.3g}"
 
 
 def npz(*parts) -> dict:

@@ -438,6 +438,41 @@ def test_training_fields_are_the_engines_half_resolution_fields():
     assert torch.allclose(full, 2 * d1[5, 6, 7], atol=1e-3)
 
 
+def test_a_pooling_unet_runs_on_the_grid_it_was_trained_on():
+    """A U-Net trained on a 4 mm grid and exported with ``prepool=2`` runs there in the
+    engine: its SVF stays on the pooled grid (refinement and integration included), the
+    field is the training task's for the pooled inputs, and the half-resolution field
+    the engine writes is that one upsampled (in half-resolution voxels)."""
+    from dataclasses import replace
+
+    from synthmorph_nipype.engine.network import run_deformable
+    from synthmorph_nipype.models.joint import HyperUNet
+    from synthmorph_nipype.ops.integrate import upsample_field
+    from synthmorph_nipype.training.tasks import Pair
+
+    torch.manual_seed(5)
+    config = TrainConfig(model="joint", widths=TINY["joint"]).model_config()
+    task = DeformTask(config, steps=5)
+    with torch.no_grad():  # a clearly non-zero field
+        for p in task.model.convs[-1].parameters():
+            p.mul_(3e4)
+    pooling = HyperUNet(replace(config, prepool=2))
+    pooling.load_state_dict(task.model.state_dict())
+    full_1, full_2 = torch.rand(2, 64, 64, 64).unbind(0)
+    pooled = [torch.nn.functional.avg_pool3d(x[None, None, ::2, ::2, ::2], 2)
+              for x in (full_1, full_2)]
+    onehot = torch.zeros(1, 2, 16, 16, 16)
+    with torch.no_grad():
+        d1, d2, _ = task.fields(Pair(*pooled, onehot, onehot), 0.3)
+    out = run_deformable(pooling.specialize(0.3), full_1, full_2, steps=5, keep=True)
+    assert out.stages["svf_1"].shape == (16, 16, 16, 3) and d1.abs().max() > 0.5
+    assert out.stages["half_def_1"].shape == (32, 32, 32, 3)
+    assert torch.allclose(out.stages["half_def_1"], upsample_field(d1, (32,) * 3, 2),
+                          atol=1e-4)
+    assert torch.allclose(out.stages["half_def_2"], upsample_field(d2, (32,) * 3, 2),
+                          atol=1e-4)
+
+
 def test_cascade_training_fields_are_the_engines_cascade(tmp_path):
     """A U-Net trained as a cascade (``passes``) is optimised for what ``--passes`` runs:
     the task's field equals the engine's cascade field for the same inputs, differs from

@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..models.affine import AffineDetector
 from ..models.joint import UNet, split_lambda
+from ..ops.cascade import cascade
 from ..ops.grid import affine_points, centred_to_index, index_to_centred, voxel_grid
-from ..ops.integrate import half_way, integrate_svf
+from ..ops.integrate import integrate_svf, upsample_field
 from ..ops.linalg import sqrtm
 from ..ops.sampling import sample_linear
 from .refine import refine_matrix, refine_svf
@@ -104,24 +106,28 @@ def run_affine(detector: AffineDetector, inp_1: torch.Tensor, inp_2: torch.Tenso
     return NetworkOutput(out_1, out_2, out_1, stages)
 
 
-def _svf(unet: UNet, half_1: torch.Tensor, half_2: torch.Tensor
+def _svf(unet: UNet, half_1: torch.Tensor, half_2: torch.Tensor, pooled: bool = False
          ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Symmetrised SVF, channels last: ``0.5 * (f(1, 2) - f(2, 1))``, and the mean of the
     two passes' weight maps ``(X, Y, Z)`` for a U-Net with a lambda head (else None); run
-    one direction at a time so the two passes never hold their activations together."""
-    a, lam_a = split_lambda(unet(torch.cat([_batch(half_1), _batch(half_2)], 1)))
-    b, lam_b = split_lambda(unet(torch.cat([_batch(half_2), _batch(half_1)], 1)))
+    one direction at a time so the two passes never hold their activations together.
+    ``pooled``: the images are on the U-Net's own (pooled) grid, and so is the SVF."""
+    kw = {"pooled": True} if pooled else {}
+    a, lam_a = split_lambda(unet(torch.cat([_batch(half_1), _batch(half_2)], 1), **kw))
+    b, lam_b = split_lambda(unet(torch.cat([_batch(half_2), _batch(half_1)], 1), **kw))
     lam = None if lam_a is None else (0.5 * (lam_a + lam_b))[0, 0]
     return (0.5 * (a - b))[0].permute(1, 2, 3, 0).contiguous(), lam
 
 
 def cascade_svf(unet: UNet, def_1: torch.Tensor, def_2: torch.Tensor, passes: int = 1
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The symmetric SVF of ``passes`` runs of the U-Net: each run after the first sees
-    both images warped half-way along the SVF so far (image 1 by ``exp(v / 2)``, image 2
-    by ``exp(-v / 2)``, so that they meet in the middle) and adds its own SVF, a
-    correction of what is left (summing SVFs composes their maps to first order). The
-    lambda map (spatially varying models) is the first run's.
+    """The symmetric SVF of ``passes`` runs of the U-Net
+    (:func:`~synthmorph_nipype.ops.cascade.cascade`: each run after the first sees both
+    images warped half-way along the SVF so far and adds its own), on the U-Net's own
+    grid: for a U-Net that pools its inputs (``prepool``, trained on a coarser grid) the
+    SVF stays on the pooled grid, in its voxels, and the half-way warps, integrated
+    there, are upsampled to warp the images on theirs. The lambda map (spatially varying
+    models) is the first run's, on the SVF's grid.
 
     >>> from synthmorph_nipype.models.joint import UNet, UNetConfig
     >>> net = UNet(UNetConfig(enc_nf=(4, 4), dec_nf=(4, 4), add_nf=(4,)))
@@ -131,16 +137,15 @@ def cascade_svf(unet: UNet, def_1: torch.Tensor, def_2: torch.Tensor, passes: in
     >>> one.shape == two.shape and not torch.equal(one, two)
     True
     """
-    if passes < 1:
-        raise ValueError(f"a cascade runs the network at least once, got {passes} passes")
-    svf, lam = _svf(unet, def_1, def_2)
+    pool = unet.config.prepool
     grid = voxel_grid(def_1.shape, device=def_1.device)
-    for _ in range(passes - 1):
-        half_1, half_2 = half_way(svf, unet.config.prepool)
-        more, _ = _svf(unet, sample_linear(def_1, grid + half_1),
-                       sample_linear(def_2, grid + half_2))
-        svf = svf + more
-    return svf, lam
+
+    def run_pass(image_1, image_2):
+        return _svf(unet, _pool(image_1, pool), _pool(image_2, pool), pooled=pool > 1)
+
+    def warp(image, disp):
+        return sample_linear(image, grid + upsample_field(disp, image.shape, pool))
+    return cascade(run_pass, def_1, def_2, passes, warp)
 
 
 def _half_total(disp: torch.Tensor, half_aff: np.ndarray) -> torch.Tensor:
@@ -230,22 +235,31 @@ def run_deformable(unet: UNet, inp_1: torch.Tensor, inp_2: torch.Tensor, *, step
     stages: dict = {}
     def_1, def_2, half_aff_1, half_aff_2, affine_1 = deformable_inputs(
         inp_1, inp_2, detector, refine_affine, stages, masks)
+    mid = tuple(None if m is None or refine <= 0 else
+                sample_linear(m, affine_points(aff, def_1.shape, device=m.device))
+                for m, aff in zip(masks, (half_aff_1, half_aff_2), strict=True))
+    # a U-Net that pools its inputs (trained on a coarser grid) runs there, cascade,
+    # refinement and integration included: its fields are smooth at that scale, and
+    # each of those steps costs pool**3 times less; the displacements are upsampled last
     svf, lam_map = cascade_svf(unet, def_1, def_2, passes)
+    pool = unet.config.prepool
+    net_1, net_2, net_mid = (_pool(def_1, pool), _pool(def_2, pool),
+                             tuple(_pool(m, pool) for m in mid))
     if refine > 0:
-        grid = def_1.shape
-        mid = tuple(None if m is None else
-                    sample_linear(m, affine_points(aff, grid, device=m.device))
-                    for m, aff in zip(masks, (half_aff_1, half_aff_2), strict=True))
         # a spatially varying model's map weights the smoothness voxel by voxel
-        svf, history = refine_svf(svf, def_1, def_2, iterations=refine, lam=lam,
+        svf, history = refine_svf(svf, net_1, net_2, iterations=refine, lam=lam,
                                   similarity=similarity, steps=min(steps, REFINE_INT_STEPS),
-                                  lr=REFINE_RATE, pool=REFINE_POOL,
+                                  lr=REFINE_RATE, pool=max(1, REFINE_POOL // pool),
                                   exact_gradient=REFINE_EXACT_GRADIENT,
                                   crop_margin=REFINE_CROP_MARGIN,
-                                  weight=lam_map, mask_1=mid[0], mask_2=mid[1])
+                                  weight=lam_map, mask_1=net_mid[0], mask_2=net_mid[1])
         stages["refine_loss"] = history
-    disp_1 = integrate_svf(svf, steps)
-    disp_2 = integrate_svf(-svf, steps) if inverse or keep else None
+    disp_1 = upsample_field(integrate_svf(svf, steps), def_1.shape, pool)
+    disp_2 = (upsample_field(integrate_svf(-svf, steps), def_1.shape, pool)
+              if inverse or keep else None)
+    if lam_map is not None and pool > 1:  # on the half-resolution grid, as the U-Net's
+        lam_map = F.interpolate(lam_map[None, None], scale_factor=pool, mode="trilinear",
+                                align_corners=False)[0, 0]
     tot_1 = _half_total(disp_1, half_aff_1)
     tot_2 = None if disp_2 is None else _half_total(disp_2, half_aff_2)
     if keep:
@@ -256,3 +270,10 @@ def run_deformable(unet: UNet, inp_1: torch.Tensor, inp_2: torch.Tensor, *, step
     return NetworkOutput(HalfResField(tot_1, extent),
                          HalfResField(tot_2, extent) if inverse else None, affine_1,
                          stages, lam_map, None if lam_map is None else half_aff_2)
+
+
+def _pool(x: torch.Tensor | None, pool: int) -> torch.Tensor | None:
+    """An image ``(X, Y, Z)`` average-pooled ``pool`` times (as a pooling U-Net sees it)."""
+    if x is None or pool == 1:
+        return x
+    return F.avg_pool3d(x[None, None].float(), pool)[0, 0]

@@ -136,11 +136,14 @@ class UNet(nn.Module):
         self.config = config = config or UNetConfig()
         self.convs = nn.ModuleList(conv3(i, o) for i, o in config.layer_channels())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pooled: bool = False) -> torch.Tensor:
+        """The U-Net's output on ``x``; ``pooled``: ``x`` is already average-pooled by
+        ``config.prepool`` and the output stays on that grid, in its voxels."""
         convs: list[Callable] = list(self.convs)
         if self.config.lambda_head:
             convs[-1] = lambda_head(self.convs[-1])
-        return unet_forward(x, convs, len(self.config.enc_nf), self.config.prepool,
+        return unet_forward(x, convs, len(self.config.enc_nf),
+                            1 if pooled else self.config.prepool,
                             input_features(self.config.input_features))
 
 

@@ -88,19 +88,15 @@ def upsample_field(field: torch.Tensor, shape, pool: int) -> torch.Tensor:
 HALF_WAY_STEPS = 5
 
 
-def half_way(svf: torch.Tensor, pool: int = 1, steps: int = HALF_WAY_STEPS
+def half_way(svf: torch.Tensor, steps: int = HALF_WAY_STEPS
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """The displacements of ``exp(svf / 2)`` and ``exp(-svf / 2)`` on the SVF's grid
-    (channels last, voxels), integrated on a grid ``pool`` times coarser and upsampled:
-    for an SVF smooth at that scale (a U-Net that pools its input) the integrations cost
-    ``pool**3`` times less.
+    (channels last, voxels), integrated together.
 
     >>> svf = torch.zeros(4, 4, 4, 3); svf[..., 1] = 2.0
     >>> a, b = half_way(svf)
     >>> float(a[..., 1].mean()), float(b[..., 1].mean())
     (1.0, -1.0)
     """
-    field = pool_field(0.5 * svf, pool)
-    both = integrate_svf(torch.stack([field, -field]), steps)
-    both = upsample_field(both, svf.shape[:3], pool)
+    both = integrate_svf(torch.stack([0.5 * svf, -0.5 * svf]), steps)
     return both[0], both[1]

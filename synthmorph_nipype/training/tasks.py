@@ -22,8 +22,9 @@ from torch import nn
 from ..models.affine import AffineConfig, AffineDetector
 from ..models.joint import HyperUNet, UNet, UNetConfig, split_lambda
 from ..models.layers import HyperConv3d
+from ..ops.cascade import cascade
 from ..ops.grid import apply_affine, centred_to_index, voxel_grid
-from ..ops.integrate import half_way, integrate_svf
+from ..ops.integrate import integrate_svf
 from ..ops.jacobian import folding_percent
 from ..ops.regularity import beta_prior, grad_l2, weighted_grad_l2
 from ..ops.sampling import sample_linear
@@ -254,15 +255,10 @@ class DeformTask(Task):
     def fields(self, pair: Pair, lam: float | torch.Tensor, autocast=nullcontext):
         """Displacements (channels last, voxels) fixed -> moving and moving -> fixed, and
         the voxel-wise weight map ``(1, 1, *s)`` of a lambda head (else None)."""
-        svf, lam_map = self._svf(pair.image_1, pair.image_2, lam, autocast)
-        if self.passes > 1:
-            grid = voxel_grid(svf.shape[:3], dtype=svf.dtype, device=svf.device)
-        for _ in range(self.passes - 1):
-            with torch.no_grad():
-                half_1, half_2 = half_way(svf.detach())
-                moved = [_warped(img, grid + h) for img, h in
-                         ((pair.image_1, half_1), (pair.image_2, half_2))]
-            svf = svf + self._svf(*moved, lam, autocast)[0]
+        grid = voxel_grid(pair.image_1.shape[2:], device=pair.image_1.device)
+        svf, lam_map = cascade(lambda a, b: self._svf(a, b, lam, autocast), pair.image_1,
+                               pair.image_2, self.passes,
+                               lambda image, disp: _warped(image, grid + disp))
         return integrate_svf(svf, self.steps), integrate_svf(-svf, self.steps), lam_map
 
     @staticmethod
