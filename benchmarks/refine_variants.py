@@ -64,6 +64,7 @@ def main(argv=None) -> None:
     parser.add_argument("--weights", nargs="*", help="weight files (default: embedded)")
     parser.add_argument("--mask", action="store_true", help="pass the fixed brain mask")
     parser.add_argument("--refine", type=int)
+    parser.add_argument("--passes", type=int, help="runs of the U-Net as a cascade")
     parser.add_argument("--refine-affine", type=int)
     parser.add_argument("--lam", type=float,
                         help="smoothness weight of the deformable refinement (default: what "
@@ -118,7 +119,8 @@ def main(argv=None) -> None:
                           models, mode=mode, outputs=("forward",), fixed_mask=mask,
                           refine_affine=args.refine_affine, similarity=args.similarity,
                           refine=args.refine if mode == "joint" else None,
-                          refine_lambda=args.lam)
+                          refine_lambda=args.lam,
+                          passes=args.passes if mode == "joint" else None)
         wall = time.perf_counter() - start
         score = affine_error(result, pair) if mode == "affine" else label_dice(result, pair)
         scores.append(score)

@@ -6,8 +6,8 @@
 ``synthmorph register`` applies a model's recommendation unless told otherwise
 (``refine_affine``: steps at 4 mm, half as many at 2 mm; ``refine``: deformable steps;
 ``refine_similarity``; ``refine_lambda``: the deformable refinement's smoothness
-weight; ``passes``: runs of the deformable network as a cascade); benchmarks choose the
-figures, this records them.
+weight; ``passes``: runs of the deformable network as a cascade, ``refine_passes``: as
+many when its field is refined); benchmarks choose the figures, this records them.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--refine-similarity", choices=("ncc", "mse", "mind"))
     parser.add_argument("--refine-lambda", type=float)
     parser.add_argument("--passes", type=int, help="runs of the U-Net as a cascade")
+    parser.add_argument("--refine-passes", type=int,
+                        help="runs of the U-Net as a cascade before a refinement")
     args = parser.parse_args(argv)
     model = load_checkpoint(args.weights)
     meta = dict(model["meta"])

@@ -97,6 +97,20 @@ def test_passes_come_from_the_weights_and_reach_every_layer(nipype_pair, tmp_pat
     (advised_passes, two), (one_pass, one) = field(), field(passes=1)
     assert (advised_passes, one_pass) == (2, 1)
     assert np.abs(two - one).max() > 1e-3  # the second pass changed the field
+    # a field that is then refined gets the weights' refine_passes (default: passes)
+    assert models.cascade(5) == 2 and models.cascade(0) == 2
+    refined = tmp_path / "refined.pt"
+    save_checkpoint(refined, meta={**model["meta"], "passes": 3, "refine_passes": 1},
+                    affine=model["affine"], deform=model["deform"])
+    with_refine = load_models("joint", [refined])
+    assert (with_refine.cascade(0), with_refine.cascade(5)) == (3, 1)
+    result = register(moving, fixed, with_refine, mode="joint", extent=192, refine=2,
+                      refine_affine=0, outputs=("forward",))
+    assert result.info.get("passes", 1) == 1 and result.info["refine"] == 2
+    save_checkpoint(wrong, meta={**model["meta"], "refine_passes": 0},
+                    affine=model["affine"], deform=model["deform"])
+    with pytest.raises(WeightsError, match="wrong.pt: its refine_passes 0"):
+        load_models("joint", [wrong])
     with pytest.raises(SynthMorphError, match="at least once"):
         field(passes=0)
     with pytest.raises(SynthMorphError, match="deformable modes"):  # not silently ignored

@@ -134,7 +134,7 @@ def test_refinement_cropped_to_the_content_reaches_the_same_field(masked):
     assert content_box((fixed, fixed), (None, None), n) is None  # the whole grid
     assert content_box((0 * fixed, 0 * fixed), (None, None), 2) is None  # nothing
     start = 0.1 * torch.randn(n, n, n, 3, generator=torch.Generator().manual_seed(1))
-    kwargs = dict(iterations=30, lam=0.3, lr=0.1, similarity="ncc", mask_1=mask, mask_2=mask)
+    kwargs = dict(iterations=30, lam=0.3, lr=0.3, similarity="ncc", mask_1=mask, mask_2=mask)
     whole, _ = refine_svf(start, moving, fixed, **kwargs)
     cropped, _ = refine_svf(start, moving, fixed, crop_margin=margin, **kwargs)
     outside = torch.ones(n, n, n, dtype=torch.bool)

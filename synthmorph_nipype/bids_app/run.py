@@ -69,7 +69,7 @@ def run_participant(args) -> int:
     similarity = args.refine_similarity or models.refine_similarity
     refine_lambda = (models.refine_weight(args.regularization) if args.refine_lambda is None
                      else args.refine_lambda)
-    passes = models.passes if args.passes is None else args.passes
+    passes = models.cascade(refine) if args.passes is None else args.passes
     work = Path(args.work_dir).resolve()
     try:
         template = resolve_template(args.template, work / "templates")

@@ -69,8 +69,8 @@ def build_parser() -> Parser:
     reg.add_argument("--passes", type=positive, metavar="N",
                      help="deformable modes: run the deformable network N times as a "
                      "cascade, each run on the images warped by the runs before (default: "
-                     "what the weights recommend - the embedded models' model card; 1 for "
-                     "FreeSurfer's)")
+                     "what the weights recommend for a refined or an unrefined field - the "
+                     "embedded models' model card; 1 for FreeSurfer's)")
     reg.add_argument("--refine", type=non_negative, metavar="N",
                      help="deformable modes: optimise the predicted field on the pair for N "
                      "steps on a 4 mm grid (test-time refinement; default: what the weights "

@@ -45,7 +45,30 @@ def _pooled(x: torch.Tensor | None, pool: int) -> torch.Tensor | None:
     return None if x is None else F.avg_pool3d(x[None, None].float(), pool)[0, 0]
 
 
+#: Adam's epsilon in the SVF refinement, as a share of the first gradient's RMS: with
+#: torch's 1e-8 (1/30 of that RMS on the demo pair) every voxel moves by about the full
+#: rate each early step, gradient or not (Adam's steps go by the sign), and the loss first
+#: rose by half and took 10 of 20 steps to come back; a floor at the typical gradient
+#: leaves voxels with little of it nearly still
+ADAM_FLOOR = 1.0
 FOREGROUND = 0.01  # image values (min-max scaled) above this are content, for the crop
+
+
+def _support(images, masks) -> torch.Tensor:
+    """Where the similarity can act, voxel by voxel: inside the masks when any is given,
+    else where either image exceeds :data:`FOREGROUND` (the voxels :func:`content_box`
+    boxes)."""
+    given = [m for m in masks if m is not None]
+    if given:
+        return torch.stack(given).amax(0) > 0
+    return torch.stack(list(images)).amax(0) > FOREGROUND
+
+
+def _rms(grad: torch.Tensor, support: torch.Tensor) -> float:
+    """RMS of a channels-last gradient over the ``support`` voxels (all, if none): the
+    same voxels whether the grid is the whole one or a box around them."""
+    inside = grad[support] if bool(support.any()) else grad
+    return float(inside.pow(2).mean().sqrt())
 
 
 def content_box(images, masks, margin: int) -> tuple[slice, slice, slice] | None:
@@ -53,9 +76,7 @@ def content_box(images, masks, margin: int) -> tuple[slice, slice, slice] | None
     (clipped to the grid): inside the masks when any is given (the similarity counts
     nothing else), else where either image exceeds :data:`FOREGROUND`. None when that
     is the whole grid or nothing."""
-    given = [m for m in masks if m is not None]
-    where = (torch.stack(given).amax(0) > 0) if given else (
-        torch.stack(list(images)).amax(0) > FOREGROUND)
+    where = _support(images, masks)
     box = []
     for axis in range(3):
         hit = where.any(dim=tuple(a for a in range(3) if a != axis)).nonzero()
@@ -158,6 +179,7 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
     w = None if weight is None else weight[None, None].to(svf)
     velocity = svf.detach().clone().requires_grad_(True)
     opt = Adam([velocity], lr=lr)
+    support = _support((image_1, image_2), (mask_1, mask_2))
     history = []
     with torch.enable_grad():
         for _ in range(iterations):
@@ -182,6 +204,8 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
             loss.backward()
             if not exact_gradient:  # d exp(v) / dv ~ identity, d exp(-v) / dv ~ -identity
                 velocity.grad = d1.grad - d2.grad
+            if not history[:-1]:  # the first step sets Adam's floor from the gradient's size
+                opt.eps = ADAM_FLOOR * _rms(velocity.grad, support)
             opt.step()
     return velocity.detach(), history
 

@@ -122,7 +122,8 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
     passes : int, optional
         Runs of the deformable network as a cascade, each on the images warped by the
         runs before (:func:`~synthmorph_nipype.engine.network.cascade_svf`); ``None``
-        takes what the weights recommend (``models.passes``: 1 for FreeSurfer's).
+        takes what the weights recommend (``models.passes`` for the network alone,
+        ``models.refine_passes`` when its field is refined; 1 for FreeSurfer's).
     moving_mask, fixed_mask : nibabel.spatialimages.SpatialImage, optional
         As ANTs' ``-x`` (any grid covering the image; non-zero is inside): the
         refinements' similarity counts only voxels inside them, dilated by
@@ -162,7 +163,7 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
     if refine_lambda is None:
         refine_lambda = models.refine_weight(lam)
     if passes is None:
-        passes = models.passes if mode in DEFORM_MODES else 1
+        passes = models.cascade(refine) if mode in DEFORM_MODES else 1
     elif mode not in DEFORM_MODES and passes != 1:
         raise SynthMorphError(f"passes applies to the deformable modes (joint, deform), "
                               f"not {mode!r}")

@@ -47,8 +47,14 @@ class Models:
     # the smoothness weight of the deformable refinement (``refine_lambda`` metadata;
     # None: the registration's regularisation weight)
     refine_lambda: float | None = None
-    # runs of the U-Net as a cascade (``passes`` metadata; FreeSurfer's: one, as trained)
+    # runs of the U-Net as a cascade (``passes`` metadata; FreeSurfer's: one, as trained),
+    # and when its field is then refined (``refine_passes``; without it: ``passes``)
     passes: int = 1
+    refine_passes: int = 1
+
+    def cascade(self, refine: int) -> int:
+        """The passes the weights recommend for a run with ``refine`` refinement steps."""
+        return self.refine_passes if refine > 0 else self.passes
 
     def refine_weight(self, lam: float) -> float:
         """The refinement's smoothness weight: the weights' advice, else ``lam``."""
@@ -112,7 +118,7 @@ def load_models(mode: str, files: list[Path], *, lam: float = 0.5) -> Models:
     refine_affine = refine = 0
     similarity = "ncc"
     refine_lambda = None
-    passes = 1
+    passes = refine_passes = 1
     for path in files:
         if not Path(path).is_file():
             raise WeightsError(f"{path}: weights file not found")
@@ -126,9 +132,11 @@ def load_models(mode: str, files: list[Path], *, lam: float = 0.5) -> Models:
             refine = int(meta.get("refine", 0))
             similarity = str(meta.get("refine_similarity", "ncc"))
             passes = int(meta.get("passes", 1))
-            if passes < 1:
-                raise WeightsError(f"{path}: its passes {passes} is below 1; set another "
-                                   "with scripts/recommend.py --passes")
+            refine_passes = int(meta.get("refine_passes", passes))
+            for key, value in (("passes", passes), ("refine_passes", refine_passes)):
+                if value < 1:
+                    raise WeightsError(f"{path}: its {key} {value} is below 1; set another "
+                                       f"with scripts/recommend.py --{key.replace('_', '-')}")
             if "refine_lambda" in meta:
                 refine_lambda = float(meta["refine_lambda"])
                 if not 0 <= refine_lambda < 1:
@@ -147,4 +155,4 @@ def load_models(mode: str, files: list[Path], *, lam: float = 0.5) -> Models:
     if affine is not None and affine.config.rigid != rigid:
         affine.config = dataclasses.replace(affine.config, rigid=rigid)
     return Models(affine, deform, tuple(str(f) for f in files), refine_affine, refine,
-                  similarity, refine_lambda, passes)
+                  similarity, refine_lambda, passes, refine_passes)

@@ -49,7 +49,7 @@ RESUMABLE = {"steps", "threads", "device", "val_every", "ckpt_every", "affine_we
              "lr_decay_start", "lr_final", "grad_clip"}
 # test-time refinement a starting model recommends: a model fine-tuned from it keeps it
 RECOMMENDATIONS = ("refine_affine", "refine", "refine_similarity", "refine_lambda",
-                   "passes")
+                   "passes", "refine_passes")
 
 
 def starting_weights(paths: str | list[str]) -> dict:
