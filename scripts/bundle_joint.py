@@ -6,7 +6,8 @@
 The joint model's detector is what aligns the pair before its deformable network; a
 better detector makes a better joint model without retraining the U-Net (trained on
 pairs that differ by a small residual affine). The detector's refinement advice
-(``refine_affine``) comes along.
+(``refine_affine``) comes along. ``--half`` stores the weights in float16 (a wide
+U-Net fits the package's size budget).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("joint", type=Path)
     parser.add_argument("detector", type=Path)
     parser.add_argument("out", type=Path)
+    parser.add_argument("--half", action="store_true",
+                        help="store the weights in float16 (half the file)")
     args = parser.parse_args(argv)
     joint, detector = load_checkpoint(args.joint), load_checkpoint(args.detector)
     if joint["deform"] is None or detector["affine"] is None:
@@ -34,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     meta["detector_from"] = args.detector.name
     meta["detector_training_config"] = detector["meta"].get("training_config", "")
     with OutputSet() as out:
-        save_checkpoint(out.temp(args.out), meta=meta, affine=detector["affine"],
+        save_checkpoint(out.temp(args.out), meta=meta, half=args.half, affine=detector["affine"],
                         deform=joint["deform"])
     print(f"{args.out}: {args.detector.name}'s detector + {args.joint.name}'s U-Net")
 

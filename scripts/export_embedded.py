@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--refine-similarity", choices=("ncc", "mse", "mind"))
     parser.add_argument("--refine-lambda", type=float)
     parser.add_argument("--passes", type=int, help="runs of the U-Net as a cascade")
+    parser.add_argument("--refine-passes", type=int,
+                        help="runs of the U-Net as a cascade before a refinement")
     parser.add_argument("--affine-weights", help="joint: the detector to bundle")
     args = parser.parse_args(argv)
     config = read_config(args.config)

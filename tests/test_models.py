@@ -468,6 +468,31 @@ def test_checkpoint_round_trip(tmp_path):
         assert torch.equal(unet(x), loaded2["deform"](x))
 
 
+def test_checkpoint_in_half_precision(tmp_path):
+    """``half=True`` stores the weights in float16: the file is about half as large, the
+    loaded model is float32 again with each weight its float16 rounding, and its output
+    stays close to the original's."""
+    affine, deform = tiny_models(seed=4)
+    full, half = tmp_path / "full.pt", tmp_path / "half.pt"
+    save_checkpoint(full, affine=affine, deform=deform)
+    save_checkpoint(half, affine=affine, deform=deform, half=True)
+    raw = torch.load(half, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in raw["deform"]["state_dict"].values()
+               if v.is_floating_point())
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded = load_checkpoint(half)
+    for a, b in ((affine, loaded["affine"]), (deform, loaded["deform"])):
+        for key, value in a.state_dict().items():
+            got = b.state_dict()[key]
+            assert got.dtype == value.dtype == torch.float32
+            assert torch.equal(got, value.half().float()), key
+    x = torch.from_numpy(np.random.default_rng(1).normal(size=(1, 2, 16, 16, 16))).float()
+    with torch.no_grad():
+        ref, out = deform(x, 0.5), loaded["deform"](x, 0.5)
+    assert not torch.equal(ref, out)  # the rounding is real
+    assert float((ref - out).abs().max()) < 1e-2 * float(ref.abs().max())
+
+
 def test_checkpoint_rejects_foreign_files(tmp_path):
     plain = tmp_path / "plain.pt"
     torch.save({"state_dict": {"w": torch.zeros(3)}}, plain)

@@ -21,14 +21,20 @@ CLASSES = {"AffineDetector": (AffineDetector, AffineConfig), "UNet": (UNet, UNet
 
 
 def save_checkpoint(path: str | Path, *, affine: AffineDetector | None = None,
-                    deform: UNet | HyperUNet | None = None, meta: dict | None = None) -> None:
-    """Save models with their configurations to ``path``."""
+                    deform: UNet | HyperUNet | None = None, meta: dict | None = None,
+                    half: bool = False) -> None:
+    """Save models with their configurations to ``path``; ``half`` stores the floating
+    weights in float16 (half the file; loading makes them float32 again, so a model runs
+    as before with weights rounded to 11 significant bits)."""
     out: dict = {"format": FORMAT, "version": VERSION, "meta": dict(meta or {})}
     for key, model in (("affine", affine), ("deform", deform)):
         if model is not None:
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            if half:
+                state = {k: v.half() if v.is_floating_point() else v
+                         for k, v in state.items()}
             out[key] = {"class": type(model).__name__, "config": model.config.to_dict(),
-                        "state_dict": {k: v.detach().cpu() for k, v in
-                                       model.state_dict().items()}}
+                        "state_dict": state}
     torch.save(out, path)
 
 
@@ -56,7 +62,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             model = cls(cfg_cls.from_dict(entry["config"]))
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise WeightsError(f"{path}: invalid model configuration ({err})") from None
-        try:
+        try:  # float16 weights (save_checkpoint(half=True)) become the model's float32
             model.load_state_dict(entry["state_dict"])
         except KeyError:
             raise WeightsError(f"{path}: {key!r} entry holds no weights") from None
