@@ -32,14 +32,16 @@ HERE = Path(__file__).resolve().parent
 ANTS_PYTHON = Path(os.environ.get("ANTS_VENV", "/work/bench/ants-venv")) / "bin" / "python"
 
 
-def timed(cmd: list[str], env: dict) -> tuple[float, float]:
+def timed(cmd: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (GB) of one child process (``wait4``'s own figures)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{cmd[0]} failed: {proc.stderr.read().decode()[-2000:]}")
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: a chatty child never blocks
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise SystemExit(f"{cmd[0]} failed: {err.read().decode()[-2000:]}")
     return wall, usage.ru_maxrss / 1024 ** 2  # kB on Linux
 
 
@@ -57,7 +59,6 @@ def main(argv=None) -> int:
     ours_exe = shutil.which("synthmorph")
     if ours_exe is None:
         parser.error("synthmorph is not on PATH (install the package)")
-    env = dict(os.environ)
     times: dict[str, list[tuple[float, float]]] = {"synthmorph": [], "ants_syn": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
                str(moving), str(tmp / "ants"), "--type", "SyN", "--threads", str(args.threads)]
         for run in range(args.runs):
             for name, cmd in (("synthmorph", ours), ("ants_syn", syn)):
-                wall, rss = timed(cmd, env)
+                wall, rss = timed(cmd)
                 times[name].append((wall, rss))
                 print(f"run {run + 1} {name:10s} {wall:6.1f} s  {rss:5.2f} GB", flush=True)
     med = {k: (statistics.median(w for w, _ in v), statistics.median(r for _, r in v))

@@ -21,7 +21,7 @@ from ..ops.grid import affine_points, centred_to_index, index_to_centred, voxel_
 from ..ops.integrate import integrate_svf, upsample_field
 from ..ops.linalg import sqrtm
 from ..ops.sampling import sample_linear
-from .refine import refine_matrix, refine_svf
+from .refine import pooled, refine_matrix, refine_svf
 
 HALF = np.diag([2.0, 2.0, 2.0, 1.0])  # half-resolution index -> full-resolution index
 # test-time refinement of the SVF runs on its grid pooled this much (4 mm): eight times
@@ -110,15 +110,14 @@ def run_affine(detector: AffineDetector, inp_1: torch.Tensor, inp_2: torch.Tenso
     return NetworkOutput(out_1, out_2, out_1, stages)
 
 
-def _svf(unet: UNet, half_1: torch.Tensor, half_2: torch.Tensor, pooled: bool = False
+def _svf(unet: UNet, half_1: torch.Tensor, half_2: torch.Tensor, coarse: bool = False
          ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Symmetrised SVF, channels last: ``0.5 * (f(1, 2) - f(2, 1))``, and the mean of the
     two passes' weight maps ``(X, Y, Z)`` for a U-Net with a lambda head (else None); run
     one direction at a time so the two passes never hold their activations together.
-    ``pooled``: the images are on the U-Net's own (pooled) grid, and so is the SVF."""
-    kw = {"pooled": True} if pooled else {}
-    a, lam_a = split_lambda(unet(torch.cat([_batch(half_1), _batch(half_2)], 1), **kw))
-    b, lam_b = split_lambda(unet(torch.cat([_batch(half_2), _batch(half_1)], 1), **kw))
+    ``coarse``: the images are on the U-Net's own (pooled) grid, and so is the SVF."""
+    a, lam_a = split_lambda(unet(torch.cat([_batch(half_1), _batch(half_2)], 1), coarse))
+    b, lam_b = split_lambda(unet(torch.cat([_batch(half_2), _batch(half_1)], 1), coarse))
     lam = None if lam_a is None else (0.5 * (lam_a + lam_b))[0, 0]
     return (0.5 * (a - b))[0].permute(1, 2, 3, 0).contiguous(), lam
 
@@ -145,7 +144,7 @@ def cascade_svf(unet: UNet, def_1: torch.Tensor, def_2: torch.Tensor, passes: in
     grid = voxel_grid(def_1.shape, device=def_1.device)
 
     def run_pass(image_1, image_2):
-        return _svf(unet, _pool(image_1, pool), _pool(image_2, pool), pooled=pool > 1)
+        return _svf(unet, pooled(image_1, pool), pooled(image_2, pool), pool > 1)
 
     def warp(image, disp):
         return sample_linear(image, grid + upsample_field(disp, image.shape, pool))
@@ -247,9 +246,9 @@ def run_deformable(unet: UNet, inp_1: torch.Tensor, inp_2: torch.Tensor, *, step
     # each of those steps costs pool**3 times less; the displacements are upsampled last
     svf, lam_map = cascade_svf(unet, def_1, def_2, passes)
     pool = unet.config.prepool
-    net_1, net_2, net_mid = (_pool(def_1, pool), _pool(def_2, pool),
-                             tuple(_pool(m, pool) for m in mid))
     if refine > 0:
+        net_1, net_2, net_mid = (pooled(def_1, pool), pooled(def_2, pool),
+                                 tuple(pooled(m, pool) for m in mid))
         # a spatially varying model's map weights the smoothness voxel by voxel
         svf, history = refine_svf(svf, net_1, net_2, iterations=refine, lam=lam,
                                   similarity=similarity, steps=min(steps, REFINE_INT_STEPS),
@@ -275,9 +274,3 @@ def run_deformable(unet: UNet, inp_1: torch.Tensor, inp_2: torch.Tensor, *, step
                          HalfResField(tot_2, extent) if inverse else None, affine_1,
                          stages, lam_map, None if lam_map is None else half_aff_2)
 
-
-def _pool(x: torch.Tensor | None, pool: int) -> torch.Tensor | None:
-    """An image ``(X, Y, Z)`` average-pooled ``pool`` times (as a pooling U-Net sees it)."""
-    if x is None or pool == 1:
-        return x
-    return F.avg_pool3d(x[None, None].float(), pool)[0, 0]

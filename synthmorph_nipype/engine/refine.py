@@ -41,8 +41,11 @@ def _weights(mask_here: torch.Tensor | None, moved_mask: torch.Tensor | None
     return mask_here if moved_mask is None else mask_here * moved_mask
 
 
-def _pooled(x: torch.Tensor | None, pool: int) -> torch.Tensor | None:
-    return None if x is None else F.avg_pool3d(x[None, None].float(), pool)[0, 0]
+def pooled(x: torch.Tensor | None, pool: int) -> torch.Tensor | None:
+    """A volume ``(X, Y, Z)`` average-pooled ``pool`` times (None stays None)."""
+    if x is None or pool == 1:
+        return x
+    return F.avg_pool3d(x[None, None].float(), pool)[0, 0]
 
 
 #: Adam's epsilon in the SVF refinement, as a share of the first gradient's RMS: with
@@ -163,13 +166,12 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
             return out, history
     if pool > 1:
         start = pool_field(svf, pool)
-        img_1, img_2 = (F.avg_pool3d(x[None, None].float(), pool)[0, 0]
-                        for x in (image_1, image_2))
+        img_1, img_2 = pooled(image_1, pool), pooled(image_2, pool)
         refined, history = refine_svf(start, img_1, img_2, iterations=iterations, lam=lam,
                                       similarity=similarity, steps=steps, lr=lr,
-                                      weight=_pooled(weight, pool),
-                                      mask_1=_pooled(mask_1, pool),
-                                      mask_2=_pooled(mask_2, pool),
+                                      weight=pooled(weight, pool),
+                                      mask_1=pooled(mask_1, pool),
+                                      mask_2=pooled(mask_2, pool),
                                       warp_features=warp_features,
                                       exact_gradient=exact_gradient,
                                       crop_margin=crop_margin)
@@ -204,7 +206,7 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
             loss.backward()
             if not exact_gradient:  # d exp(v) / dv ~ identity, d exp(-v) / dv ~ -identity
                 velocity.grad = d1.grad - d2.grad
-            if not history[:-1]:  # the first step sets Adam's floor from the gradient's size
+            if len(history) == 1:  # the first step sets Adam's floor from the gradient's size
                 opt.eps = ADAM_FLOOR * _rms(velocity.grad, support)
             opt.step()
     return velocity.detach(), history
