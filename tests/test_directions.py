@@ -280,7 +280,10 @@ def test_detector_channels_find_their_blobs():
         out = hand_detector()(torch.roll(vol, shift, (0, 1, 2))[None, None], vol[None, None])
     expected = np.eye(4)
     expected[:3, 3] = shift
-    assert np.allclose(out.matrix[0].numpy(), expected, atol=1e-4)
+    # up to float32 rounding of the features: convolution kernels need not round alike
+    # at every position (on an AVX2 CPU the shift came out 1e-3 voxels short; the other
+    # convention would be off by twice the shift)
+    assert np.allclose(out.matrix[0].numpy(), expected, atol=5e-3)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -604,3 +604,37 @@ def test_training_a_unet_on_mind_descriptors(tmp_path):
     full_1, full_2 = torch.rand(2, 64, 64, 64).unbind(0)
     out = run_deformable(exported.specialize(0.5), full_1, full_2, steps=3)
     assert np.isfinite(out.out_1.full().numpy()).all()
+
+
+def test_a_run_kept_as_its_weights_resumes_at_their_step(tmp_path):
+    """A run kept as its network in float16 (training.milestone) turns back into a
+    checkpoint at the same step: the resumed trainer holds those weights (to float16
+    rounding) with a fresh optimizer, trains on, and refuses other settings or an
+    existing checkpoint."""
+    from synthmorph_nipype.errors import InputError
+    from synthmorph_nipype.training.milestone import restore_checkpoint, save_weights
+
+    first = Trainer(tiny_config("joint", steps=2), tmp_path / "a")
+    first.run(progress=False)
+    assert save_weights(tmp_path / "a", tmp_path / "w.pt") == 2
+    saved = torch.load(tmp_path / "w.pt", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in saved["model"].values()
+               if v.is_floating_point())
+    config = tiny_config("joint", steps=4)
+    assert restore_checkpoint(config, tmp_path / "w.pt", tmp_path / "b") == 2
+    again = Trainer(config, tmp_path / "b")
+    assert again.resume() and again.step == 2
+    assert not again.optimizer.state_dict()["state"]  # fresh Adam
+    want, got = _state(first.task.model), _state(again.task.model)
+    fresh = _state(Trainer(config, tmp_path / "fresh").task.model)  # same seed, untrained
+
+    def close(a, b):  # float16 rounding: 2**-11 of each value
+        return all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=1e-3)
+                   for k in b)
+    assert close(got, want) and not close(fresh, want)
+    again.run(progress=False)
+    assert again.step == 4
+    with pytest.raises(InputError, match="exists; not overwritten"):
+        restore_checkpoint(config, tmp_path / "w.pt", tmp_path / "b")
+    with pytest.raises(InputError, match=r"other settings \(seed\)"):
+        restore_checkpoint(tiny_config("joint", seed=5), tmp_path / "w.pt", tmp_path / "c")

@@ -1,0 +1,63 @@
+"""A run's network at a milestone, small enough to commit, and back to a checkpoint.
+
+A training checkpoint holds the model, Adam's two moments (twice the model again) and
+the generator's state. A run too large to commit whole keeps its network only, in float16
+(:func:`save_weights`: ``format``, ``step``, ``config``, ``model``); a later session turns
+that back into a checkpoint (:func:`restore_checkpoint`) at the same step and settings,
+with a fresh optimizer and a generator seeded from the run's seed and the step: the
+curriculum and learning-rate schedule go on where they were, the optimizer starts again
+(not a bit-exact resume: the original draws are not recoverable).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from ..io.atomic import OutputSet
+from .config import TrainConfig
+from .trainer import RESUMABLE, STATE, Trainer
+
+WEIGHTS = "synthmorph-nipype-training-weights"
+
+
+def save_weights(outdir: str | Path, path: str | Path, *, half: bool = True) -> int:
+    """Write the network of the checkpoint in ``outdir`` to ``path`` (float16 with
+    ``half``); returns its step."""
+    src = Path(outdir) / "checkpoint.pt"
+    state = torch.load(src, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != STATE:
+        raise InputError(f"{src}: not a synthmorph training checkpoint")
+    model = {k: v.half() if half and v.is_floating_point() else v
+             for k, v in state["model"].items()}
+    with OutputSet() as out:
+        torch.save({"format": WEIGHTS, "step": int(state["step"]),
+                    "config": state["config"], "model": model}, out.temp(Path(path)))
+    return int(state["step"])
+
+
+def restore_checkpoint(config: TrainConfig, weights: str | Path, outdir: str | Path) -> int:
+    """Write ``outdir/checkpoint.pt`` from the weights file of :func:`save_weights` (made
+    with ``config``'s settings, the resumable ones aside); returns its step. An existing
+    checkpoint is never overwritten."""
+    saved = torch.load(weights, map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or not {"step", "config", "model"} <= saved.keys():
+        raise InputError(f"{weights}: not a weights file with step, config and model")
+    mine = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE}
+    theirs = {k: v for k, v in saved["config"].items() if k not in RESUMABLE}
+    if mine != theirs:
+        diff = sorted(k for k in mine if theirs.get(k) != mine[k])
+        raise InputError(f"{weights}: made with other settings ({', '.join(diff)})")
+    out = Path(outdir)
+    if (out / "checkpoint.pt").exists():
+        raise InputError(f"{out / 'checkpoint.pt'}: exists; not overwritten")
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config, out)
+    trainer.task.model.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in saved["model"].items()})
+    trainer.step = int(saved["step"])
+    trainer.generator.manual_seed(config.seed + trainer.step)
+    trainer.save()
+    return trainer.step
