@@ -18,7 +18,7 @@ import torch
 from ..errors import InputError
 from ..io.atomic import OutputSet
 from .config import TrainConfig
-from .trainer import RESUMABLE, STATE, Trainer
+from .trainer import STATE, Trainer, other_settings
 
 WEIGHTS = "synthmorph-nipype-training-weights"
 
@@ -45,10 +45,8 @@ def restore_checkpoint(config: TrainConfig, weights: str | Path, outdir: str | P
     saved = torch.load(weights, map_location="cpu", weights_only=True)
     if not isinstance(saved, dict) or not {"step", "config", "model"} <= saved.keys():
         raise InputError(f"{weights}: not a weights file with step, config and model")
-    mine = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE}
-    theirs = {k: v for k, v in saved["config"].items() if k not in RESUMABLE}
-    if mine != theirs:
-        diff = sorted(k for k in mine if theirs.get(k) != mine[k])
+    diff = other_settings(saved["config"], config)
+    if diff:
         raise InputError(f"{weights}: made with other settings ({', '.join(diff)})")
     out = Path(outdir)
     if (out / "checkpoint.pt").exists():

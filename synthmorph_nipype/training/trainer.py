@@ -253,6 +253,16 @@ def _means(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
 
 
+def other_settings(saved: dict, config: TrainConfig) -> list[str]:
+    """The settings of ``config`` that differ from those a checkpoint was ``saved`` with,
+    the resumable ones aside (settings added since it was written count as their
+    defaults)."""
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    theirs = {**defaults, **saved}
+    return sorted(k for k, v in config.to_dict().items()
+                  if k not in RESUMABLE and theirs.get(k) != v)
+
+
 class Trainer:
     """Train ``config.model`` into ``outdir`` (resuming from its checkpoint if present)."""
 
@@ -326,14 +336,8 @@ class Trainer:
                              f"({err.__class__.__name__}); use --restart") from None
         if not isinstance(state, dict) or state.get("format") != STATE:
             raise ValueError(f"{path}: not a synthmorph training checkpoint")
-        # settings added since the checkpoint was written count as their defaults
-        defaults = {f.name: f.default for f in fields(TrainConfig)
-                    if f.default is not MISSING}
-        saved = {k: v for k, v in {**defaults, **state["config"]}.items()
-                 if k not in RESUMABLE}
-        mine = {k: v for k, v in self.config.to_dict().items() if k not in RESUMABLE}
-        if saved != mine:
-            diff = sorted(k for k in mine if saved.get(k) != mine[k])
+        diff = other_settings(state["config"], self.config)
+        if diff:
             raise ValueError(f"{path}: made with other settings ({', '.join(diff)}); "
                              "use another output directory or --restart")
         self.task.model.load_state_dict(state["model"])
