@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..ops.grid import affine_points, apply_affine, slabs
-from ..ops.sampling import sample_linear
+from ..ops.sampling import axis_coordinates, axis_permutation, sample_linear
 
 if TYPE_CHECKING:
     from .network import HalfResField
@@ -36,10 +36,17 @@ def world_field(out: torch.Tensor | HalfResField, net_to_src_ras: np.ndarray,
     dev = out.device
     field = partial(sample_linear, out, boundary="clamp") if isinstance(out, torch.Tensor) \
         else out
+    # dst's axes parallel to the network grid's (a scan without obliquity): a half-
+    # resolution field is interpolated axis by axis, not point by point
+    perm = None if isinstance(out, torch.Tensor) else axis_permutation(dst_to_net, dst_shape)
+    coords = None if perm is None else axis_coordinates(dst_to_net, dst_shape, perm)
     total = np.empty((*dst_shape, 3), np.float32)
     for rows in slabs(dst_shape, SLAB):
         p = affine_points(dst_to_net, dst_shape, device=dev, rows=rows)
-        q = p + field(p)
+        if coords is None:
+            q = p + field(p)
+        else:
+            q = p + out.separable([coords[0][slice(*rows)], *coords[1:]], perm)
         disp = apply_affine(net_to_src_ras, q)
         disp -= affine_points(dst_affine, dst_shape, device=dev, rows=rows)
         total[rows[0]:rows[1]] = disp.cpu().numpy()

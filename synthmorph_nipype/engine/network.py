@@ -20,7 +20,7 @@ from ..ops.cascade import cascade
 from ..ops.grid import affine_points, centred_to_index, index_to_centred, voxel_grid
 from ..ops.integrate import integrate_svf, upsample_field
 from ..ops.linalg import sqrtm
-from ..ops.sampling import sample_linear
+from ..ops.sampling import sample_linear, sample_separable
 from .refine import pooled, refine_matrix, refine_svf
 
 HALF = np.diag([2.0, 2.0, 2.0, 1.0])  # half-resolution index -> full-resolution index
@@ -185,6 +185,21 @@ class HalfResField:
 
     def full(self) -> torch.Tensor:
         return self(voxel_grid((self.extent,) * 3, device=self.device))
+
+    def separable(self, coords: list[torch.Tensor], perm) -> torch.Tensor:
+        """``u`` on a grid whose points' network coordinate along axis ``perm[b]``
+        depends on the index along its axis ``b`` only (``coords[b]``, 1-D, as
+        :func:`~synthmorph_nipype.ops.sampling.axis_coordinates` gives): the same values
+        as calling it at those points, by three 1-D interpolations
+        (:func:`~synthmorph_nipype.ops.sampling.sample_separable`) instead of one
+        gather per point: ``(*lengths, 3)``."""
+        half = [0.5 * c.to(self.device).clamp(0, self.extent - 1) for c in coords]
+        out = sample_separable(self.half_tot, half, perm, boundary="clamp")
+        for b, a in enumerate(perm):  # minus c: its component a varies along axis b
+            view = [1, 1, 1]
+            view[b] = -1
+            out[..., a] -= half[b].to(out.dtype).view(view)
+        return out
 
 
 @torch.no_grad()

@@ -93,24 +93,29 @@ def _rows(matrix, dtype, device) -> torch.Tensor:
 
 
 def affine_points(matrix, shape, *, dtype=torch.float32, device=None,
-                  rows: tuple[int, int] | None = None) -> torch.Tensor:
+                  rows: tuple[int, int] | None = None,
+                  box: tuple[tuple[int, int], ...] | None = None) -> torch.Tensor:
     """``matrix @ [i, j, k, 1]`` for every voxel of ``shape``, as ``(*shape, 3)``; with
     ``rows = (i0, i1)`` only for the voxels with ``i0 <= i < i1`` (a slab, see
-    :func:`slabs`), as ``(i1 - i0, *shape[1:], 3)``, the same values as those rows of the
-    whole grid.
+    :func:`slabs`), as ``(i1 - i0, *shape[1:], 3)``, and with ``box`` (one ``(start,
+    stop)`` per axis) only for that block; either way the same values as those voxels
+    of the whole grid.
 
     The matrix (3x4 or 4x4) is cast to ``dtype`` before use, as the official code does.
 
     >>> m = torch.eye(4); m[0, 3] = 10
     >>> affine_points(m, (4, 2, 2), rows=(2, 3))[0, 1, 0]
     tensor([12.,  1.,  0.])
+    >>> torch.equal(affine_points(m, (4, 3, 2), box=((1, 3), (2, 3), (0, 2))),
+    ...             affine_points(m, (4, 3, 2))[1:3, 2:3, 0:2])
+    True
     """
     m = _rows(matrix, dtype, device)
-    i0, i1 = (0, int(shape[0])) if rows is None else rows
+    if box is None:
+        box = ((0, int(shape[0])) if rows is None else rows, (0, int(shape[1])),
+               (0, int(shape[2])))
     # one broadcast sum of the three axes' terms: no (N, 3) index grid, no matmul
-    ax = [torch.arange(i0, i1, dtype=dtype, device=device),
-          torch.arange(int(shape[1]), dtype=dtype, device=device),
-          torch.arange(int(shape[2]), dtype=dtype, device=device)]
+    ax = [torch.arange(int(a), int(b), dtype=dtype, device=device) for a, b in box]
     plane = (ax[0][:, None] * m[:, 0] + m[:, 3])[:, None] + (ax[1][:, None] * m[:, 1])[None]
     return plane[:, :, None] + (ax[2][:, None] * m[:, 2])[None, None]
 

@@ -208,11 +208,9 @@ def axis_permutation(matrix, shape) -> tuple[int, int, int] | None:
 
 def resample_axis_aligned(vol: torch.Tensor, matrix, shape) -> torch.Tensor:
     """``sample_linear(vol, affine_points(matrix, shape), boundary="zeros")`` for a matrix
-    :func:`axis_permutation` accepts, as three 1-D interpolations (trilinear weights are
-    the product of one linear weight per axis): a few passes over the volume instead of
-    eight reads per output voxel: each pass multiplies by a two-band matrix. The
-    coordinates along each axis are those :func:`~synthmorph_nipype.ops.grid.affine_points`
-    gives (the matrix cast to float32); the weights and sums are in ``vol``'s dtype.
+    :func:`axis_permutation` accepts, by :func:`sample_separable`. The coordinates along
+    each axis are those :func:`~synthmorph_nipype.ops.grid.affine_points` gives (the
+    matrix cast to float32).
 
     >>> v = torch.arange(24.0).reshape(2, 3, 4)
     >>> m = [[0, 0, 0.5, 0], [1, 0, 0, 0.25], [0, 1, 0, -0.5]]
@@ -224,23 +222,65 @@ def resample_axis_aligned(vol: torch.Tensor, matrix, shape) -> torch.Tensor:
     perm = axis_permutation(matrix, shape)
     if perm is None:
         raise ValueError("the matrix mixes axes: not an axis-aligned resampling")
+    return sample_separable(vol, axis_coordinates(matrix, shape, perm), perm)
+
+
+def axis_coordinates(matrix, shape, perm) -> list[torch.Tensor]:
+    """For an axis-aligned ``matrix`` (:func:`axis_permutation` gives ``perm``), the
+    input coordinate along axis ``perm[b]`` of each index along output axis ``b``, in
+    float32 as :func:`~synthmorph_nipype.ops.grid.affine_points` computes it."""
     m = torch.as_tensor(np.asarray(matrix, np.float64)[:3], dtype=torch.float32)
-    out = vol
+    return [torch.arange(int(shape[b]), dtype=torch.float32) * m[a, b] + m[a, 3]
+            for b, a in enumerate(perm)]
+
+
+def sample_separable(vol: torch.Tensor, coords: list[torch.Tensor], perm, *,
+                     boundary: str = "zeros") -> torch.Tensor:
+    """``sample_linear`` of ``vol`` ``(X, Y, Z[, C])`` on a grid whose points have, along
+    input axis ``perm[b]``, a coordinate that depends on the index along output axis
+    ``b`` only (``coords[b]``, 1-D): three 1-D interpolations (trilinear weights are the
+    product of one linear weight per axis), a few passes over the volume instead of
+    eight reads per output voxel, each a product with a two-band matrix. ``boundary``:
+    ``"zeros"`` (a point off the grid along any axis is 0; those rows are not computed)
+    or ``"clamp"``. Weights in float64, sums in ``vol``'s dtype; returns
+    ``(len(coords[0]), len(coords[1]), len(coords[2])[, C])``.
+
+    >>> v = torch.arange(8.0).reshape(2, 2, 2)
+    >>> c = [torch.tensor([-1.0, 0.5]), torch.tensor([0.0]), torch.tensor([1.0, 3.0])]
+    >>> sample_separable(v, c, (0, 1, 2), boundary="clamp")[:, 0]
+    tensor([[1., 1.],
+            [3., 3.]])
+    """
+    if boundary not in ("zeros", "clamp"):
+        raise ValueError(f"unknown boundary rule {boundary!r}")
+    shape = tuple(len(c) for c in coords)
+    out, block = vol, []
     for b, a in enumerate(perm):  # output axis b reads input axis a
         n = vol.shape[a]
-        p = (torch.arange(shape[b], dtype=torch.float32) * m[a, b] + m[a, 3]).double()
-        inside = (p >= 0) & (p <= n - 1)  # float32 coordinates, as affine_points gives
+        p = coords[b].to(vol.device).double()
+        if boundary == "clamp":
+            p = p.clamp(0, n - 1)
+            block.append(slice(0, shape[b]))
+        else:
+            on = torch.nonzero((p >= 0) & (p <= n - 1)).flatten()  # linear: one run
+            if not len(on):  # off the grid along one axis: zero whatever the others
+                return vol.new_zeros(shape + tuple(vol.shape[3:]))
+            block.append(slice(int(on[0]), int(on[-1]) + 1))
+            p = p[block[-1]]  # only the rows on the grid are computed; the others stay 0
         lo = p.floor().clamp(0, n - 1)
         frac = p - lo
         lo = lo.long()
-        rows = torch.arange(shape[b])
-        weights = torch.zeros(shape[b], n, dtype=torch.float64)
+        rows = torch.arange(len(p), device=p.device)
+        weights = torch.zeros(len(p), n, dtype=torch.float64, device=p.device)
         weights[rows, lo] += 1 - frac  # a two-band matrix: linear interpolation
         weights[rows, (lo + 1).clamp(max=n - 1)] += frac
-        weights[~inside] = 0  # off the grid along one axis: zero whatever the others
-        weights = weights.to(vol.dtype).to(vol.device)
-        out = torch.tensordot(weights, out, dims=([1], [a])).movedim(0, a)
-    return out.permute(*perm).contiguous()  # out's axis perm[b] runs along output axis b
+        out = torch.tensordot(weights.to(vol.dtype), out, dims=([1], [a])).movedim(0, a)
+    out = out.permute(*perm, *range(3, vol.ndim))  # axis perm[b] runs along output axis b
+    if boundary == "clamp":
+        return out.contiguous()
+    full = vol.new_zeros(shape + tuple(vol.shape[3:]))
+    full[tuple(block)] = out
+    return full
 
 
 def sample_nearest(vol: torch.Tensor, coords: torch.Tensor, *, fill: float = 0.0) -> torch.Tensor:
