@@ -33,7 +33,6 @@ from pathlib import Path
 import h5py
 import nibabel as nib
 import numpy as np
-import scipy.io
 
 from ..errors import InputError
 from .base import Affine, Chain, DisplacementField, ImageGrid, Transform, has_shear
@@ -185,6 +184,8 @@ def read_itk_txt(path: str | os.PathLike) -> Chain:
 # --------------------------------------------------------------------------- MATLAB (.mat)
 def write_itk_mat(path: str | os.PathLike, transform: Affine | Chain) -> None:
     """Write an affine as ANTs does: MATLAB v4 ``AffineTransform_double_3_3`` + ``fixed``."""
+    import scipy.io  # here, not at import: it costs every command line a tenth of a second
+
     params, fixed = affine_to_itk(_need_affine(path, transform))
     with open(path, "wb") as fobj:
         scipy.io.savemat(
@@ -194,6 +195,8 @@ def write_itk_mat(path: str | os.PathLike, transform: Affine | Chain) -> None:
 
 def read_itk_mat(path: str | os.PathLike) -> Affine:
     """Read an ANTs/ITK MATLAB affine (``.mat``)."""
+    import scipy.io
+
     try:
         with open(path, "rb") as fobj:
             data = scipy.io.loadmat(fobj)
@@ -289,7 +292,8 @@ def write_itk_h5(path: str | os.PathLike, chain: Transform) -> None:
             # float32 fields shrink by under 10% for seconds of compression.
             big = params.size > 4096
             sub.create_dataset("TransformParameters",
-                               data=params.astype(np.float32 if big else np.float64))
+                               data=params.astype(np.float32 if big else np.float64,
+                                                  copy=False))
 
 
 def _h5_string(dataset) -> str:
