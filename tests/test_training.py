@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 
 import nibabel as nb
 import numpy as np
@@ -266,6 +267,39 @@ def test_time_limit_stops_after_one_step_and_resumes(tmp_path):
     assert load_checkpoint(tmp_path / "model.pt")["meta"]["trained_steps"] == 1
     again = Trainer(tiny_config("affine", steps=2), tmp_path)
     assert again.resume() and again.step == 1
+
+
+def test_a_termination_signal_stops_after_the_step_with_a_checkpoint(tmp_path):
+    """SIGTERM (a session's end, a scheduler's time limit) mid-run: the step in flight
+    ends, the checkpoint and model are written at it (no validation), and the run resumes
+    there."""
+    import os
+    import signal
+    import threading
+
+    trainer = Trainer(tiny_config("affine", steps=1000, val_every=1000, ckpt_every=1000),
+                      tmp_path)
+
+    def send_when_started():
+        while trainer.step < 2:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    sender = threading.Thread(target=send_when_started, daemon=True)
+    sender.start()
+    trainer.run(progress=False)
+    sender.join()
+    assert trainer.stopped == "SIGTERM"
+    assert 2 <= trainer.step < 1000
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == trainer.step
+    assert load_checkpoint(tmp_path / "model.pt")["meta"]["trained_steps"] == trainer.step
+    assert not (tmp_path / "val.csv").exists()  # stopping skips the validation
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler given back
+    again = Trainer(tiny_config("affine", steps=trainer.step + 1), tmp_path)
+    assert again.resume() and again.step == trainer.step
+    again.run(progress=False)
+    assert again.stopped is None and again.step == trainer.step + 1
 
 
 def test_learning_rate_decay_can_be_added_when_resuming(tmp_path):

@@ -85,6 +85,9 @@ def train(args: argparse.Namespace) -> None:
     except FloatingPointError as err:  # diverged: the last checkpoint is still there
         raise SynthMorphError(f"{out}: training diverged ({err}); checkpoint.pt holds the "
                               "last saved step, try a lower lr") from None
+    if trainer.stopped:
+        print(f"stopped by {trainer.stopped} after step {trainer.step} of {cfg.steps}: "
+              f"{out / 'checkpoint.pt'} saved, the same command resumes", file=sys.stderr)
     summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
     print(f"trained {cfg.model} for {trainer.step} steps -> {out / 'model.pt'}"
           + (f" (validation: {summary})" if summary else ""))

@@ -18,7 +18,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import MISSING, fields, replace
@@ -311,6 +313,7 @@ class Trainer:
         self.synth = config.synth_config()
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
+        self.stopped: str | None = None  # the signal that stopped the last run()
         self._val: list[Pair] | None = None
 
     # -- state ------------------------------------------------------------------------
@@ -412,7 +415,16 @@ class Trainer:
 
     def run(self, progress: bool = True, max_minutes: float | None = None) -> dict[str, float]:
         """Train up to ``config.steps`` (or until ``max_minutes`` have passed: then stop
-        after the current step, checkpoint and export, ready to resume)."""
+        after the current step, checkpoint and export, ready to resume). A SIGTERM or
+        SIGINT (``kill``, Ctrl-C, a job scheduler's time limit) stops the same way, without
+        the validation (``self.stopped`` names the signal); a second one stops at once."""
+        with _StopRequest() as stop:
+            metrics = self._run(progress, max_minutes, stop)
+        self.stopped = stop.signal
+        return metrics
+
+    def _run(self, progress: bool, max_minutes: float | None, stop: _StopRequest
+             ) -> dict[str, float]:
         self.outdir.mkdir(parents=True, exist_ok=True)
         cfg = self.config
         deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
@@ -453,9 +465,10 @@ class Trainer:
             _append(self.outdir / "train.csv", row)
             if bar:
                 bar.update(self.step, value)
-            last = self.step == cfg.steps or (deadline is not None
-                                               and time.monotonic() > deadline)
-            if cfg.val_every and (self.step % cfg.val_every == 0 or last):
+            last = self.step == cfg.steps or stop.signal is not None or (
+                deadline is not None and time.monotonic() > deadline)
+            if cfg.val_every and stop.signal is None and (self.step % cfg.val_every == 0
+                                                          or last):
                 metrics = self.validate()
                 _append(self.outdir / "val.csv", {"step": self.step, **metrics})
                 with (self.outdir / "log.jsonl").open("a") as f:
@@ -465,7 +478,39 @@ class Trainer:
                 self.save()
             if last:
                 break
-        if not metrics and cfg.val_pairs:
+        if not metrics and cfg.val_pairs and stop.signal is None:
             metrics = self.validate()
         self.export(extra={f"val_{k}": round(v, 5) for k, v in metrics.items()})
         return metrics
+
+
+class _StopRequest:
+    """While training: SIGTERM and SIGINT ask the loop to stop after its current step
+    (``signal`` is then the signal's name); a second one takes the signal's usual action.
+    Handlers can only be set from the main thread: elsewhere nothing changes."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._old = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:  # asked twice: do what it would have done
+            self._restore()
+            signal.raise_signal(signum)
+            return
+        self.signal = signal.Signals(signum).name
+
+    def _restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
