@@ -672,3 +672,8 @@ def test_a_run_kept_as_its_weights_resumes_at_their_step(tmp_path):
         restore_checkpoint(config, tmp_path / "w.pt", tmp_path / "b")
     with pytest.raises(InputError, match=r"other settings \(seed\)"):
         restore_checkpoint(tiny_config("joint", seed=5), tmp_path / "w.pt", tmp_path / "c")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "checkpoint.pt").write_bytes(b"truncated")
+    with pytest.raises(InputError, match=r"checkpoint\.pt: not a readable training checkpoint"):
+        save_weights(tmp_path / "d", tmp_path / "w2.pt")
+    assert not (tmp_path / "w2.pt").exists()

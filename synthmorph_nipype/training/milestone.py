@@ -18,7 +18,7 @@ import torch
 from ..errors import InputError
 from ..io.atomic import OutputSet
 from .config import TrainConfig
-from .trainer import STATE, Trainer, other_settings
+from .trainer import Trainer, other_settings, read_checkpoint
 
 WEIGHTS = "synthmorph-nipype-training-weights"
 
@@ -26,10 +26,10 @@ WEIGHTS = "synthmorph-nipype-training-weights"
 def save_weights(outdir: str | Path, path: str | Path, *, half: bool = True) -> int:
     """Write the network of the checkpoint in ``outdir`` to ``path`` (float16 with
     ``half``); returns its step."""
-    src = Path(outdir) / "checkpoint.pt"
-    state = torch.load(src, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != STATE:
-        raise InputError(f"{src}: not a synthmorph training checkpoint")
+    try:
+        state = read_checkpoint(Path(outdir) / "checkpoint.pt")
+    except ValueError as err:
+        raise InputError(str(err)) from None
     model = {k: v.half() if half and v.is_floating_point() else v
              for k, v in state["model"].items()}
     with OutputSet() as out:

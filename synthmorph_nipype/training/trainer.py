@@ -74,6 +74,19 @@ def starting_weights(paths: str | list[str]) -> dict:
     return {**found, "meta": meta}
 
 
+def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
+    """The state of a training checkpoint (``weights_only``); ValueError naming the file
+    when it is unreadable or not one of ours."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # truncated or foreign file
+        raise ValueError(f"{path}: not a readable training checkpoint "
+                         f"({err.__class__.__name__}); use --restart") from None
+    if not isinstance(state, dict) or state.get("format") != STATE:
+        raise ValueError(f"{path}: not a synthmorph training checkpoint")
+    return state
+
+
 def resumes_without_start(config: TrainConfig, outdir: str | Path) -> bool:
     """Whether synthetic training continued from ``config.init_weights`` resumes from the
     checkpoint in ``outdir`` while those starting weights are gone (a later session keeps
@@ -332,13 +345,7 @@ class Trainer:
         path = self.outdir / "checkpoint.pt"
         if not path.exists():
             return False
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as err:  # truncated or foreign file
-            raise ValueError(f"{path}: not a readable training checkpoint "
-                             f"({err.__class__.__name__}); use --restart") from None
-        if not isinstance(state, dict) or state.get("format") != STATE:
-            raise ValueError(f"{path}: not a synthmorph training checkpoint")
+        state = read_checkpoint(path, self.device)
         diff = other_settings(state["config"], self.config)
         if diff:
             raise ValueError(f"{path}: made with other settings ({', '.join(diff)}); "
