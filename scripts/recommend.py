@@ -17,6 +17,7 @@ from pathlib import Path
 
 from synthmorph_nipype.io.atomic import OutputSet
 from synthmorph_nipype.models.checkpoint import load_checkpoint, save_checkpoint
+from synthmorph_nipype.ops.similarity import IMAGE_SIMILARITIES
 from synthmorph_nipype.training.trainer import RECOMMENDATIONS
 
 
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("weights", type=Path)
     parser.add_argument("--refine", type=int)
     parser.add_argument("--refine-affine", type=int)
-    parser.add_argument("--refine-similarity", choices=("ncc", "mse", "mind"))
+    parser.add_argument("--refine-similarity", choices=IMAGE_SIMILARITIES)
     parser.add_argument("--refine-lambda", type=float)
     parser.add_argument("--passes", type=int, help="runs of the U-Net as a cascade")
     parser.add_argument("--refine-passes", type=int,

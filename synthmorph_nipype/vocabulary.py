@@ -28,7 +28,7 @@ DETECTOR_MODES = ("joint", "affine", "rigid")
 #: side of the cubic grid the networks see, in 1 mm voxels
 EXTENTS = (192, 256)
 #: image similarities of the test-time refinement and of image-based training
-IMAGE_SIMILARITIES = ("ncc", "mse", "mind")
+IMAGE_SIMILARITIES = ("ncc", "mse", "mind", "mi", "mind+mi")
 #: models ``synthmorph train`` trains
 TRAINED_MODELS = ("affine", "rigid", "joint")
 

@@ -188,10 +188,13 @@ def register(args: argparse.Namespace) -> None:
         print("synthmorph register: affine refinement (mind) loss " + ", ".join(
             f"{part[0]:.4f} -> {part[-1]:.4f} in {name}" for name, part in levels if part))
     if "refine_loss" in result.info:
-        losses = result.info["refine_loss"]
+        levels = ((f"{result.info['refine']} steps at 4 mm", result.info["refine_loss"]),
+                  (f"{len(result.info['refine_fine_loss'])} at 2 mm",
+                   result.info["refine_fine_loss"]))
         print(f"synthmorph register: refinement ({result.info['refine_similarity']}) loss "
-              f"{losses[0]:.4f} -> {losses[-1]:.4f} in {result.info['refine']} steps "
-              f"(lambda {result.info['refine_lambda']:g})")
+              + ", ".join(f"{part[0]:.4f} -> {part[-1]:.4f} in {name}"
+                          for name, part in levels if part)
+              + f" (lambda {result.info['refine_lambda']:g})")
 
 
 def apply(args: argparse.Namespace) -> None:

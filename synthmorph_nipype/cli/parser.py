@@ -73,11 +73,13 @@ def build_parser() -> Parser:
                      "embedded models' model card; 1 for FreeSurfer's)")
     reg.add_argument("--refine", type=non_negative, metavar="N",
                      help="deformable modes: optimise the predicted field on the pair for N "
-                     "steps on a 4 mm grid (test-time refinement; default: what the weights "
+                     "steps on a 4 mm grid, then N/4 at 2 mm (test-time refinement; "
+                     "default: what the weights "
                      "recommend - the embedded models' model card; 0 for FreeSurfer's)")
     reg.add_argument("--refine-similarity", choices=IMAGE_SIMILARITIES,
-                     help="image similarity of the refinement: local NCC, MSE, or MIND "
-                     "across contrasts (default: what the weights recommend, else ncc)")
+                     help="image similarity of the refinement: local NCC, MSE, or across "
+                     "contrasts MIND, mutual information (mi) or both (mind+mi) (default: "
+                     "what the weights recommend, else ncc)")
     reg.add_argument("--refine-lambda", type=regularization, metavar="LAMBDA",
                      help="smoothness weight in (0, 1) of the refinement's objective "
                      "(1 - LAMBDA) * dissimilarity + LAMBDA * Grad-l2 (default: what the "

@@ -47,6 +47,11 @@ REFINE_CROP_MARGIN = 4
 # 0.654 / 0.657 / 0.656 at 0.1 / 0.4 / 0.6 / 1.0 (1.0 folded a few voxels), where 30
 # steps at 0.1 without the floor after three passes gave 0.654
 REFINE_RATE = 0.6
+# the deformable refinement ends with steps on the U-Net's input grid (2 mm), a quarter as
+# many as on its 4 mm grid (:func:`fine_steps`): the template pairs' Dice (MIND) rose from
+# 0.803 / 0.840 / 0.892 to 0.850 / 0.852 / 0.900 (session 18), where more 4 mm steps had
+# left it where it was
+FINE_SHARE = 4
 
 
 @dataclass
@@ -235,6 +240,27 @@ def deformable_inputs(inp_1: torch.Tensor, inp_2: torch.Tensor,
     return def_1, def_2, half_aff_1, half_aff_2, affine_1
 
 
+def fine_steps(refine: int) -> int:
+    """Steps of the deformable refinement on the 2 mm grid after ``refine`` steps on the
+    U-Net's 4 mm one: a quarter as many (the 2 mm steps cost eight times more and start
+    close; 20 + 5 raised the held-out pairs' mean Dice from 0.655 to 0.717).
+
+    >>> fine_steps(20), fine_steps(1), fine_steps(0)
+    (5, 1, 0)
+    """
+    return 0 if refine <= 0 else max(1, int(refine) // FINE_SHARE)
+
+
+def _refine_level(svf, img_1, img_2, masks, iterations, lam, similarity, steps, pool,
+                  weight):
+    """:func:`~synthmorph_nipype.engine.refine.refine_svf` with the engine's settings."""
+    return refine_svf(svf, img_1, img_2, iterations=iterations, lam=lam,
+                      similarity=similarity, steps=min(steps, REFINE_INT_STEPS),
+                      lr=REFINE_RATE, pool=pool, exact_gradient=REFINE_EXACT_GRADIENT,
+                      crop_margin=REFINE_CROP_MARGIN, weight=weight, mask_1=masks[0],
+                      mask_2=masks[1])
+
+
 @torch.no_grad()
 def run_deformable(unet: UNet, inp_1: torch.Tensor, inp_2: torch.Tensor, *, steps: int = 7,
                    detector: AffineDetector | None = None, keep: bool = False,
@@ -265,19 +291,21 @@ def run_deformable(unet: UNet, inp_1: torch.Tensor, inp_2: torch.Tensor, *, step
         net_1, net_2, net_mid = (pooled(def_1, pool), pooled(def_2, pool),
                                  tuple(pooled(m, pool) for m in mid))
         # a spatially varying model's map weights the smoothness voxel by voxel
-        svf, history = refine_svf(svf, net_1, net_2, iterations=refine, lam=lam,
-                                  similarity=similarity, steps=min(steps, REFINE_INT_STEPS),
-                                  lr=REFINE_RATE, pool=max(1, REFINE_POOL // pool),
-                                  exact_gradient=REFINE_EXACT_GRADIENT,
-                                  crop_margin=REFINE_CROP_MARGIN,
-                                  weight=lam_map, mask_1=net_mid[0], mask_2=net_mid[1])
+        svf, history = _refine_level(svf, net_1, net_2, net_mid, refine, lam, similarity,
+                                     steps, max(1, REFINE_POOL // pool), lam_map)
         stages["refine_loss"] = history
-    disp_1 = upsample_field(integrate_svf(svf, steps), def_1.shape, pool)
-    disp_2 = (upsample_field(integrate_svf(-svf, steps), def_1.shape, pool)
-              if inverse or keep else None)
+    fine = fine_steps(refine)
     if lam_map is not None and pool > 1:  # on the half-resolution grid, as the U-Net's
         lam_map = F.interpolate(lam_map[None, None], scale_factor=pool, mode="trilinear",
                                 align_corners=False)[0, 0]
+    if fine:  # a last few steps on the 2 mm grid, where the field is then integrated
+        svf, pool = upsample_field(svf, def_1.shape, pool), 1  # (the SVF is linear)
+        svf, history = _refine_level(svf, def_1, def_2, mid, fine, lam, similarity, steps,
+                                     1, lam_map)
+        stages["refine_fine_loss"] = history
+    disp_1 = upsample_field(integrate_svf(svf, steps), def_1.shape, pool)
+    disp_2 = (upsample_field(integrate_svf(-svf, steps), def_1.shape, pool)
+              if inverse or keep else None)
     tot_1 = _half_total(disp_1, half_aff_1)
     tot_2 = None if disp_2 is None else _half_total(disp_2, half_aff_2)
     if keep:

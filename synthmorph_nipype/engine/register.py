@@ -110,7 +110,8 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
     refine, refine_lambda, similarity : int, float, str
         Test-time refinement of the deformable step: that many optimisation steps of
         ``(1 - refine_lambda) * similarity + refine_lambda * Grad-l2`` on the pair
-        (``similarity``: ``ncc``, ``mse`` or ``mind``) on a 4 mm grid; ``None`` takes what
+        (``similarity``: ``ncc``, ``mse``, ``mind``, ``mi`` or ``mind+mi``) on a 4 mm
+        grid, then a quarter as many on the 2 mm grid; ``None`` takes what
         the weights recommend (``models.refine``, ``models.refine_lambda`` else ``lam``,
         ``models.refine_similarity``), 0 keeps the network's field.
     refine_affine : int, optional
@@ -197,6 +198,7 @@ def register(moving, fixed, models: Models, *, mode: str = "joint", extent: int 
         info["refine_similarity"] = similarity
         info["refine_lambda"] = refine_lambda
         info["refine_loss"] = out.stages["refine_loss"]
+        info["refine_fine_loss"] = out.stages["refine_fine_loss"]
     del inp_1, inp_2
     affine = Affine(world_matrix(out.affine_1, mov_net2ras, fix_ras2net))
     if mode == "deform":
