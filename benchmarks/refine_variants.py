@@ -32,6 +32,7 @@ from bench.metrics import dice, pull_labels  # noqa: E402
 from synthmorph_nipype.engine import network, refine
 from synthmorph_nipype.engine.register import register
 from synthmorph_nipype.engine.weights import find_weights, load_models
+from synthmorph_nipype.ops import similarity
 from synthmorph_nipype.transforms.base import ImageGrid
 
 
@@ -82,8 +83,18 @@ def main(argv=None) -> None:
                         help="steps of each level of the affine refinement")
     parser.add_argument("--anchor", type=int,
                         help="steps between the affine refinement's feature computations")
+    parser.add_argument("--fine-share", type=int,
+                        help="the 2 mm level runs 1/N of the deformable steps (default 4)")
+    parser.add_argument("--fine-lr", type=float, help="Adam rate of the 2 mm level (0.6)")
+    parser.add_argument("--mi-weight", type=float, help="weight of MI in mind+mi (0.1)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.fine_share is not None:
+        network.FINE_SHARE = args.fine_share
+    if args.fine_lr is not None:
+        network.FINE_RATE = args.fine_lr
+    if args.mi_weight is not None:
+        similarity.MIND_MI_WEIGHT = args.mi_weight
     torch.set_num_threads(args.threads)
     if args.int_steps is not None:
         network.REFINE_INT_STEPS = args.int_steps

@@ -239,9 +239,9 @@ def test_refine_lambda_smooths_and_comes_from_the_weights(nipype_pair, tmp_path,
             "--refine", "2", str(nipype_pair["moving"]), str(nipype_pair["fixed"]),
             "-t", str(tmp_path / "f.h5")]
     assert main(base) == 0
-    assert "in 2 steps (lambda 0.9)" in capsys.readouterr().out
+    assert "in 2 steps at 4 mm, " in (out := capsys.readouterr().out) and "(lambda 0.9)" in out
     assert main(base + ["--refine-lambda", "0.3"]) == 0
-    assert "in 2 steps (lambda 0.3)" in capsys.readouterr().out
+    assert "in 1 at 2 mm (lambda 0.3)" in capsys.readouterr().out
     (tmp_path / "f.h5").unlink()
     with pytest.raises(SystemExit):
         main(base + ["--refine-lambda", "1.5"])

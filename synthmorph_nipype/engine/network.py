@@ -52,6 +52,8 @@ REFINE_RATE = 0.6
 # 0.803 / 0.840 / 0.892 to 0.850 / 0.852 / 0.900 (session 18), where more 4 mm steps had
 # left it where it was
 FINE_SHARE = 4
+# Adam's rate there (voxels of the 2 mm grid)
+FINE_RATE = 0.6
 
 
 @dataclass
@@ -252,11 +254,11 @@ def fine_steps(refine: int) -> int:
 
 
 def _refine_level(svf, img_1, img_2, masks, iterations, lam, similarity, steps, pool,
-                  weight):
+                  weight, rate):
     """:func:`~synthmorph_nipype.engine.refine.refine_svf` with the engine's settings."""
     return refine_svf(svf, img_1, img_2, iterations=iterations, lam=lam,
                       similarity=similarity, steps=min(steps, REFINE_INT_STEPS),
-                      lr=REFINE_RATE, pool=pool, exact_gradient=REFINE_EXACT_GRADIENT,
+                      lr=rate, pool=pool, exact_gradient=REFINE_EXACT_GRADIENT,
                       crop_margin=REFINE_CROP_MARGIN, weight=weight, mask_1=masks[0],
                       mask_2=masks[1])
 
@@ -292,7 +294,8 @@ def run_deformable(unet: UNet, inp_1: torch.Tensor, inp_2: torch.Tensor, *, step
                                  tuple(pooled(m, pool) for m in mid))
         # a spatially varying model's map weights the smoothness voxel by voxel
         svf, history = _refine_level(svf, net_1, net_2, net_mid, refine, lam, similarity,
-                                     steps, max(1, REFINE_POOL // pool), lam_map)
+                                     steps, max(1, REFINE_POOL // pool), lam_map,
+                                     REFINE_RATE)
         stages["refine_loss"] = history
     fine = fine_steps(refine)
     if lam_map is not None and pool > 1:  # on the half-resolution grid, as the U-Net's
@@ -301,7 +304,7 @@ def run_deformable(unet: UNet, inp_1: torch.Tensor, inp_2: torch.Tensor, *, step
     if fine:  # a last few steps on the 2 mm grid, where the field is then integrated
         svf, pool = upsample_field(svf, def_1.shape, pool), 1  # (the SVF is linear)
         svf, history = _refine_level(svf, def_1, def_2, mid, fine, lam, similarity, steps,
-                                     1, lam_map)
+                                     1, lam_map, FINE_RATE)
         stages["refine_fine_loss"] = history
     disp_1 = upsample_field(integrate_svf(svf, steps), def_1.shape, pool)
     disp_2 = (upsample_field(integrate_svf(-svf, steps), def_1.shape, pool)
