@@ -546,3 +546,38 @@ def test_masks_in_the_interface(nipype_pair, tmp_path):
     error = _pair_error(load_transform(res.outputs.forward_transform).chain,
                         nipype_pair["fixed"], (5.0, -3.0, 6.0), (4.0, -6.0, 3.0))
     assert error < 0.5
+
+
+def test_recommend_script_records_a_refinement_the_engine_then_applies(nipype_pair, tmp_path):
+    """``scripts/recommend.py`` (how the embedded weights' defaults are set) rewrites the
+    metadata of a copy, weights untouched; ``load_models`` then recommends that
+    refinement and ``synthmorph register`` applies it; a similarity the engine does not
+    know is refused."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "recommend.py"
+    weights = tmp_path / "w.pt"
+    shutil.copy(nipype_pair["weights"], weights)
+    before = load_checkpoint(weights)
+    run = subprocess.run([sys.executable, str(script), str(weights), "--refine", "2",
+                          "--refine-similarity", "mind+mi", "--refine-lambda", "0.7"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "refine 2" in run.stdout and "refine_similarity mind+mi" in run.stdout
+    after = load_checkpoint(weights)
+    for part in ("affine", "deform"):
+        for key, value in before[part].state_dict().items():
+            assert torch.equal(value, after[part].state_dict()[key]), key
+    models = load_models("joint", [weights])
+    assert (models.refine, models.refine_similarity, models.refine_lambda) == (
+        2, "mind+mi", 0.7)
+    result = register(nb.load(nipype_pair["moving"]), nb.load(nipype_pair["fixed"]), models,
+                      mode="joint", extent=192, refine_affine=0, outputs=("forward",))
+    assert result.info["refine_similarity"] == "mind+mi"
+    assert len(result.info["refine_loss"]) == 2 and len(result.info["refine_fine_loss"]) == 1
+    bad = subprocess.run([sys.executable, str(script), str(weights), "--refine-similarity",
+                          "cc"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
