@@ -96,7 +96,8 @@ def test_derivatives_are_found_as_fmriprep_looks_for_them(participant_run, demo_
         assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.99
         side = json.loads(Path(fwd.replace(".h5", ".json")).read_text())
         assert side["Mode"] == "joint" and side["Regularization"] == 0.5
-        assert side["Refinement"] == {"Steps": 2, "Similarity": "ncc", "Lambda": 0.5}
+        assert side["Refinement"] == {"Steps": 2, "FineSteps": 1, "Similarity": "ncc",
+                                      "Lambda": 0.5}
         assert side["NetworkPasses"] == 2
         # the coregistration ran with (and records) the same affine refinement
         affine_steps = {"Steps": 1, "Similarity": "mind"}

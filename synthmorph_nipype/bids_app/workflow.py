@@ -15,7 +15,7 @@ from nipype.pipeline import engine as pe
 
 from .. import __version__
 from ..io.templates import Template
-from ..vocabulary import DEFORM_MODES
+from ..vocabulary import DEFORM_MODES, fine_steps
 from ..workflows import init_coregister_wf, init_synthmorph_wf
 from .derivatives import DerivativeSink
 from .inputs import Unit
@@ -116,7 +116,8 @@ def init_single_unit_wf(*, unit: Unit, template: Template, output_dir, bids_dir,
                 "TemplateSource": template.source, "SoftwareVersion": __version__,
                 **({"Regularization": regularization} if mode in DEFORM_MODES else {}),
                 **({"NetworkPasses": passes} if mode in DEFORM_MODES else {}),
-                **({"Refinement": {"Steps": refine, "Similarity": refine_similarity,
+                **({"Refinement": {"Steps": refine, "FineSteps": fine_steps(refine),
+                                   "Similarity": refine_similarity,
                                    "Lambda": refine_lambda}}
                    if refine and mode in DEFORM_MODES else {}),
                 **(affine_refinement if mode != "deform" else {}),

@@ -21,6 +21,7 @@ from ..ops.grid import affine_points, centred_to_index, index_to_centred, voxel_
 from ..ops.integrate import integrate_svf, upsample_field
 from ..ops.linalg import sqrtm
 from ..ops.sampling import sample_linear, sample_separable
+from ..vocabulary import FINE_SHARE, fine_steps
 from .refine import pooled, refine_matrix, refine_svf
 
 HALF = np.diag([2.0, 2.0, 2.0, 1.0])  # half-resolution index -> full-resolution index
@@ -51,10 +52,9 @@ REFINE_CROP_MARGIN = 4
 # steps at 0.1 without the floor after three passes gave 0.654
 REFINE_RATE = 0.6
 # the deformable refinement ends with steps on the U-Net's input grid (2 mm), a quarter as
-# many as on its 4 mm grid (:func:`fine_steps`): the template pairs' Dice (MIND) rose from
-# 0.803 / 0.840 / 0.892 to 0.850 / 0.852 / 0.900 (session 18), where more 4 mm steps had
-# left it where it was
-FINE_SHARE = 4
+# many as on its 4 mm grid (:func:`~synthmorph_nipype.vocabulary.fine_steps`): the
+# template pairs' Dice (MIND) rose from 0.803 / 0.840 / 0.892 to 0.850 / 0.852 / 0.900
+# (session 18), where more 4 mm steps had left it where it was
 # Adam's rate there (voxels of the 2 mm grid)
 FINE_RATE = 0.6
 
@@ -245,17 +245,6 @@ def deformable_inputs(inp_1: torch.Tensor, inp_2: torch.Tensor,
     return def_1, def_2, half_aff_1, half_aff_2, affine_1
 
 
-def fine_steps(refine: int) -> int:
-    """Steps of the deformable refinement on the 2 mm grid after ``refine`` steps on the
-    U-Net's 4 mm one: a quarter as many (the 2 mm steps cost eight times more and start
-    close; 20 + 5 raised the held-out pairs' mean Dice from 0.655 to 0.717).
-
-    >>> fine_steps(20), fine_steps(1), fine_steps(0)
-    (5, 1, 0)
-    """
-    return 0 if refine <= 0 else max(1, int(refine) // FINE_SHARE)
-
-
 def _refine_level(svf, img_1, img_2, masks, iterations, lam, similarity, steps, pool,
                   weight, rate):
     """:func:`~synthmorph_nipype.engine.refine.refine_svf` with the engine's settings."""
@@ -300,7 +289,7 @@ def run_deformable(unet: UNet, inp_1: torch.Tensor, inp_2: torch.Tensor, *, step
                                      steps, max(1, REFINE_POOL // pool), lam_map,
                                      REFINE_RATE)
         stages["refine_loss"] = history
-    fine = fine_steps(refine)
+    fine = fine_steps(refine, FINE_SHARE)
     if lam_map is not None and pool > 1:  # on the half-resolution grid, as the U-Net's
         lam_map = F.interpolate(lam_map[None, None], scale_factor=pool, mode="trilinear",
                                 align_corners=False)[0, 0]
