@@ -14,6 +14,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+from synthmorph_nipype.ops.similarity import IMAGE_SIMILARITIES
 from synthmorph_nipype.training.config import read_config
 from synthmorph_nipype.training.trainer import RECOMMENDATIONS, Trainer
 
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--refine-affine", type=int, default=0)
     parser.add_argument("--refine", type=int, default=0)
-    parser.add_argument("--refine-similarity", choices=("ncc", "mse", "mind"))
+    parser.add_argument("--refine-similarity", choices=IMAGE_SIMILARITIES)
     parser.add_argument("--refine-lambda", type=float)
     parser.add_argument("--passes", type=int, help="runs of the U-Net as a cascade")
     parser.add_argument("--refine-passes", type=int,

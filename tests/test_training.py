@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import time
+from pathlib import Path
 
 import nibabel as nb
 import numpy as np
@@ -677,3 +678,35 @@ def test_a_run_kept_as_its_weights_resumes_at_their_step(tmp_path):
     with pytest.raises(InputError, match=r"checkpoint\.pt: not a readable training checkpoint"):
         save_weights(tmp_path / "d", tmp_path / "w2.pt")
     assert not (tmp_path / "w2.pt").exists()
+
+
+def test_export_script_makes_weights_the_engine_loads_with_their_advice(tmp_path):
+    """``scripts/export_embedded.py`` (how a run becomes the embedded model): from a run
+    folder's checkpoint, weights equal to the trained model's with the refinement advice
+    in the metadata, which ``load_models`` reads; a folder without a checkpoint is refused
+    with exit code 2 and no output."""
+    import subprocess
+    import sys
+
+    toml = tmp_path / "tiny.toml"
+    toml.write_text('model = "affine"\nsteps = 2\ngrid = 32\nshapes_prob = 1.0\n'
+                    'val_pairs = 2\nval_every = 2\nckpt_every = 2\nthreads = 1\n'
+                    'amp = false\n[widths]\nnum_feat = 16\nenc_nf = [8, 8, 8, 8]\n'
+                    'add_nf = [8]\n')
+    trainer = Trainer(read_config(toml), tmp_path / "run")
+    trainer.run(progress=False)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "export_embedded.py"
+    out = tmp_path / "exported.pt"
+    run = subprocess.run([sys.executable, str(script), str(toml), str(tmp_path / "run"),
+                          str(out), "--refine-affine", "3"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "step 2" in run.stdout and "'refine_affine': 3" in run.stdout
+    exported = load_checkpoint(out)
+    for key, value in trainer.task.model.state_dict().items():
+        assert torch.equal(value, exported["affine"].state_dict()[key]), key
+    assert load_models("affine", [out]).refine_affine == 3
+    missing = tmp_path / "none.pt"
+    run = subprocess.run([sys.executable, str(script), str(toml), str(tmp_path / "empty"),
+                          str(missing)], capture_output=True, text=True)
+    assert run.returncode == 2 and "no checkpoint.pt" in run.stderr
+    assert not missing.exists()
