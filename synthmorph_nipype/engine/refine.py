@@ -115,7 +115,7 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
                lr: float = 0.05, pool: int = 1, weight: torch.Tensor | None = None,
                mask_1: torch.Tensor | None = None, mask_2: torch.Tensor | None = None,
                warp_features: bool = False, exact_gradient: bool = True,
-               crop_margin: int | None = None, _smooth_share: float = 1.0
+               crop_margin: int | None = None
                ) -> tuple[torch.Tensor, list[float]]:
     """Refine a channels-last SVF ``(X, Y, Z, 3)`` (voxels) between two images ``(X, Y, Z)``
     on the same grid; returns the refined SVF and the loss before each step.
@@ -142,40 +142,49 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
     if similarity not in IMAGE_SIMILARITIES:
         raise ValueError(f"unknown similarity {similarity!r}, choose from "
                          f"{', '.join(IMAGE_SIMILARITIES)}")
-    if crop_margin is not None and pool == 1:
-        box = content_box((image_1, image_2), (mask_1, mask_2), crop_margin)
-        if box is not None:
-            def cut(x):
-                return None if x is None else x[box].contiguous()
+    settings = dict(iterations=iterations, lam=lam, similarity=similarity, steps=steps,
+                    lr=lr, warp_features=warp_features, exact_gradient=exact_gradient)
+    if pool == 1:
+        return _refine_box(svf, image_1, image_2, weight, mask_1, mask_2, crop_margin,
+                           settings)
+    start = pool_field(svf, pool)
+    refined, history = _refine_box(start, pooled(image_1, pool), pooled(image_2, pool),
+                                   pooled(weight, pool), pooled(mask_1, pool),
+                                   pooled(mask_2, pool), crop_margin, settings)
+    return svf + upsample_field(refined - start, svf.shape[:3], pool), history
 
-            start = svf[box].contiguous()
-            # the same objective: a masked similarity is a mean over the masks, which the
-            # box holds, the smoothness a mean over the grid (without masks both are means
-            # over the grid, so both shrink alike, and Adam's steps do not change)
-            share = start[..., 0].numel() / svf[..., 0].numel() if (
-                mask_1 is not None or mask_2 is not None) else 1.0
-            refined, history = refine_svf(start, cut(image_1), cut(image_2),
-                                          iterations=iterations, lam=lam,
-                                          similarity=similarity, steps=steps, lr=lr,
-                                          weight=cut(weight), mask_1=cut(mask_1),
-                                          mask_2=cut(mask_2), warp_features=warp_features,
-                                          exact_gradient=exact_gradient,
-                                          _smooth_share=share)
-            out = svf.clone()
-            out[box] += (refined - start) * _taper(box, svf.shape[:3], crop_margin, svf)
-            return out, history
-    if pool > 1:
-        start = pool_field(svf, pool)
-        img_1, img_2 = pooled(image_1, pool), pooled(image_2, pool)
-        refined, history = refine_svf(start, img_1, img_2, iterations=iterations, lam=lam,
-                                      similarity=similarity, steps=steps, lr=lr,
-                                      weight=pooled(weight, pool),
-                                      mask_1=pooled(mask_1, pool),
-                                      mask_2=pooled(mask_2, pool),
-                                      warp_features=warp_features,
-                                      exact_gradient=exact_gradient,
-                                      crop_margin=crop_margin)
-        return svf + upsample_field(refined - start, svf.shape[:3], pool), history
+
+def _refine_box(svf, image_1, image_2, weight, mask_1, mask_2, crop_margin, settings):
+    """:func:`refine_svf` on one grid: on the whole of it, or with ``crop_margin`` on the
+    :func:`content_box` only, the correction tapered into the field around it."""
+    box = None if crop_margin is None else content_box((image_1, image_2),
+                                                       (mask_1, mask_2), crop_margin)
+    if box is None:
+        return _optimise_svf(svf, image_1, image_2, weight=weight, mask_1=mask_1,
+                             mask_2=mask_2, **settings)
+
+    def cut(x):
+        return None if x is None else x[box].contiguous()
+
+    start = svf[box].contiguous()
+    # the same objective: a masked similarity is a mean over the masks, which the box
+    # holds, the smoothness a mean over the grid (without masks both are means over the
+    # grid, so both shrink alike, and Adam's steps do not change)
+    share = start[..., 0].numel() / svf[..., 0].numel() if (
+        mask_1 is not None or mask_2 is not None) else 1.0
+    refined, history = _optimise_svf(start, cut(image_1), cut(image_2), weight=cut(weight),
+                                     mask_1=cut(mask_1), mask_2=cut(mask_2),
+                                     smooth_share=share, **settings)
+    out = svf.clone()
+    out[box] += (refined - start) * _taper(box, svf.shape[:3], crop_margin, svf)
+    return out, history
+
+
+def _optimise_svf(svf, image_1, image_2, *, iterations, lam, similarity, steps, lr,
+                  weight, mask_1, mask_2, warp_features, exact_gradient,
+                  smooth_share: float = 1.0):
+    """The Adam steps of :func:`refine_svf` on one grid (no pooling, no box); the
+    smoothness term weighted by ``smooth_share`` (a box's share of its whole grid)."""
     grid = voxel_grid(image_1.shape, dtype=svf.dtype, device=svf.device)
     compare = _symmetric_similarity(similarity, image_1, image_2, warp_features)
     w = None if weight is None else weight[None, None].to(svf)
@@ -200,7 +209,7 @@ def refine_svf(svf: torch.Tensor, image_1: torch.Tensor, image_2: torch.Tensor, 
                 smooth = 0.5 * (grad_l2(u1) + grad_l2(u2))
             else:  # grad_sq sums the 3 components, grad_l2 averages them
                 smooth = (weighted_grad_l2(u1, w) + weighted_grad_l2(u2, w)) / 6
-            loss = (1 - lam) * similarity_term + lam * _smooth_share * smooth
+            loss = (1 - lam) * similarity_term + lam * smooth_share * smooth
             history.append(float(loss.detach()))
             opt.zero_grad()
             loss.backward()
