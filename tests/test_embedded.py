@@ -66,7 +66,7 @@ def test_register_without_weights(nipype_pair, tmp_path):
                             env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "affine refinement (mind)" in result.stdout
-    assert "register: refinement (mind)" in result.stdout
+    assert "register: refinement (mind+mi)" in result.stdout
     # the pair: the same data under a header rotated (5, -3, 6) deg and shifted (4, -6, 3)
     truth = np.eye(4)
     truth[:3, :3], truth[:3, 3] = rotation((5.0, -3.0, 6.0)), (4.0, -6.0, 3.0)
