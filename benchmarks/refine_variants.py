@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench.metrics import dice, pull_labels  # noqa: E402
 
+from synthmorph_nipype import vocabulary
 from synthmorph_nipype.engine import network, refine
 from synthmorph_nipype.engine.register import register
 from synthmorph_nipype.engine.weights import find_weights, load_models
@@ -90,7 +91,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.fine_share is not None:
-        network.FINE_SHARE = args.fine_share
+        vocabulary.FINE_SHARE = args.fine_share
     if args.fine_lr is not None:
         network.FINE_RATE = args.fine_lr
     if args.mi_weight is not None:

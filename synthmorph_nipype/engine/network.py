@@ -21,7 +21,7 @@ from ..ops.grid import affine_points, centred_to_index, index_to_centred, voxel_
 from ..ops.integrate import integrate_svf, upsample_field
 from ..ops.linalg import sqrtm
 from ..ops.sampling import sample_linear, sample_separable
-from ..vocabulary import FINE_SHARE, fine_steps
+from ..vocabulary import fine_steps
 from .refine import pooled, refine_matrix, refine_svf
 
 HALF = np.diag([2.0, 2.0, 2.0, 1.0])  # half-resolution index -> full-resolution index
@@ -51,11 +51,12 @@ REFINE_CROP_MARGIN = 4
 # 0.654 / 0.657 / 0.656 at 0.1 / 0.4 / 0.6 / 1.0 (1.0 folded a few voxels), where 30
 # steps at 0.1 without the floor after three passes gave 0.654
 REFINE_RATE = 0.6
-# the deformable refinement ends with steps on the U-Net's input grid (2 mm), a quarter as
-# many as on its 4 mm grid (:func:`~synthmorph_nipype.vocabulary.fine_steps`): the
-# template pairs' Dice (MIND) rose from 0.803 / 0.840 / 0.892 to 0.850 / 0.852 / 0.900
-# (session 18), where more 4 mm steps had left it where it was
-# Adam's rate there (voxels of the 2 mm grid)
+# Adam's rate (voxels of the 2 mm grid) of the steps the deformable refinement ends with
+# on the U-Net's input grid, a quarter as many as on its 4 mm grid
+# (:func:`~synthmorph_nipype.vocabulary.fine_steps`): with them the template pairs' Dice
+# (MIND) rose from 0.803 / 0.840 / 0.892 to 0.850 / 0.852 / 0.900 (session 18), where
+# more 4 mm steps had left it where it was; 0.1 and 0.25 lowered it (0.870 / 0.877 mean
+# against 0.878)
 FINE_RATE = 0.6
 
 
@@ -289,7 +290,7 @@ def run_deformable(unet: UNet, inp_1: torch.Tensor, inp_2: torch.Tensor, *, step
                                      steps, max(1, REFINE_POOL // pool), lam_map,
                                      REFINE_RATE)
         stages["refine_loss"] = history
-    fine = fine_steps(refine, FINE_SHARE)
+    fine = fine_steps(refine)
     if lam_map is not None and pool > 1:  # on the half-resolution grid, as the U-Net's
         lam_map = F.interpolate(lam_map[None, None], scale_factor=pool, mode="trilinear",
                                 align_corners=False)[0, 0]

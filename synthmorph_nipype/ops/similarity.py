@@ -215,8 +215,8 @@ def _mi(fixed_bins: tuple[torch.Tensor, torch.Tensor], moved: torch.Tensor,
     return (joint * (torch.log(joint + tiny) - torch.log(p_f @ p_m + tiny))).sum()
 
 
-#: weight of the mutual information next to MIND in :func:`mind_mi`: on the template and
-#: held-out pairs of ``benchmarks/`` (session 18) 0.1 gave the best Dice of 0.1 / 0.3 / 1
+#: weight of the mutual information next to MIND in :func:`mind_mi`: on the template pairs
+#: of ``benchmarks/accuracy.py`` (session 18) 0.1 gave the best Dice of 0.1 / 0.3 / 1
 MIND_MI_WEIGHT = 0.1
 
 
@@ -281,9 +281,9 @@ def fixed_similarity(name: str, fixed: torch.Tensor) -> Callable[..., torch.Tens
         desc = mind(fixed)
         return lambda moved, weight=None: _mean((mind(moved) - desc).abs(), weight)
     if name == "mind+mi":
-        desc, bins = mind(fixed), _parzen(fixed.flatten(), MI_BINS)
-        return lambda moved, weight=None: (_mean((mind(moved) - desc).abs(), weight)
-                                           - MIND_MI_WEIGHT * _mi(bins, moved, weight))
+        to_mind, to_mi = fixed_similarity("mind", fixed), fixed_similarity("mi", fixed)
+        return lambda moved, weight=None: (to_mind(moved, weight)
+                                           + MIND_MI_WEIGHT * to_mi(moved, weight))
     if name == "mi":  # the fixed image's histogram memberships, once
         bins = _parzen(fixed.flatten(), MI_BINS)
         return lambda moved, weight=None: -_mi(bins, moved, weight)
