@@ -17,6 +17,7 @@ from ..models.affine import AffineConfig
 from ..models.joint import UNetConfig
 from ..synthesis.generator import SynthConfig
 from ..vocabulary import EXTENTS, TRAINED_MODELS, check
+from .distill import Distillation
 
 RAMPED = ("noise_min", "noise_max", "blur_max_mm", "bias_std", "gamma_std", "res_prob",
           "crop_prob", "skull_prob")
@@ -85,6 +86,15 @@ class TrainConfig:
     # joint: train the U-Net as a cascade of this many passes (the loss sees their sum;
     # the exported weights recommend as many, the engine's --passes)
     passes: int = 1
+    # joint: distillation (training.distill): with probability distill_prob a step adds
+    # distill_weight x the end-point error (voxels) to the field that distill_iterations
+    # steps of the test-time refinement (distill_similarity, smoothness distill_lambda)
+    # reach from the U-Net's own; 0: off
+    distill_weight: float = 0.0
+    distill_prob: float = 0.5
+    distill_iterations: int = 20
+    distill_similarity: str = "mind+mi"
+    distill_lambda: float = 0.85
     val_pairs: int = 8
     val_every: int = 250
     ckpt_every: int = 50
@@ -139,6 +149,11 @@ class TrainConfig:
             raise ValueError("spatial_lambda needs the joint model")
         if self.passes < 1 or (self.passes > 1 and self.model != "joint"):
             raise ValueError("passes must be >= 1, and > 1 only for the joint model")
+        if self.distill_weight and (self.model != "joint" or self.objective != "synthetic"
+                                    or self.spatial_lambda):
+            raise ValueError("distillation trains the joint model's hypernetwork U-Net on "
+                             "synthetic pairs")
+        self.distillation()  # validate early
         if self.prior_alpha < 1 or self.penalty_weight < 0:
             raise ValueError("prior_alpha must be >= 1 and penalty_weight >= 0")
         if self.voxel_mm not in (2.0, 4.0):
@@ -147,6 +162,12 @@ class TrainConfig:
         self.widths = {**DEFAULT_WIDTHS[self.model], **self.widths}
         self.synth_config()  # validate early
         self.model_config()
+
+    def distillation(self) -> Distillation:
+        """The distillation settings (:mod:`~synthmorph_nipype.training.distill`)."""
+        return Distillation(weight=self.distill_weight, prob=self.distill_prob,
+                            iterations=self.distill_iterations,
+                            similarity=self.distill_similarity, lam=self.distill_lambda)
 
     def synth_config(self) -> SynthConfig:
         changes = {**DEFAULT_SYNTH[self.model], **self.synth}

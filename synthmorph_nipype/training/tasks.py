@@ -29,6 +29,7 @@ from ..ops.jacobian import folding_percent
 from ..ops.regularity import beta_prior, grad_l2, weighted_grad_l2
 from ..ops.sampling import sample_linear
 from ..ops.similarity import IMAGE_SIMILARITIES
+from .distill import Distillation, teacher_svf
 from .losses import label_mse, soft_dice
 
 
@@ -211,6 +212,10 @@ class DeformTask(Task):
     (:func:`~synthmorph_nipype.engine.network.cascade_svf`): each later pass sees both
     images warped half-way along the SVF so far and adds its own; the loss sees the sum.
     The half-way warps carry no gradient (each pass learns from what the sum misses).
+
+    ``distill`` (:class:`~synthmorph_nipype.training.distill.Distillation`) makes some
+    steps distillation steps: the end-point error to the field the test-time refinement
+    reaches from the U-Net's joins the similarity term.
     """
 
     name = "joint"
@@ -218,12 +223,16 @@ class DeformTask(Task):
     def __init__(self, config: UNetConfig, similarity: str = "label_mse",
                  regularizer: str = "grad_l2", steps: int = 7, loss_stride: int = 2,
                  prior_alpha: float = 1.1, penalty_weight: float = 1.0,
-                 supervised_weight: float = 0.0, passes: int = 1):
+                 supervised_weight: float = 0.0, passes: int = 1,
+                 distill: Distillation | None = None):
         if passes < 1:
             raise ValueError(f"a cascade runs the network at least once, got {passes} passes")
         self.supervised_weight = float(supervised_weight)
         self.passes = int(passes)
+        self.distill = distill if distill is not None else Distillation()
         self.spatial = config.lambda_head
+        if self.spatial and self.distill.weight:
+            raise ValueError("distillation trains the hypernetwork U-Net, not a lambda head")
         self.model = UNet(config) if self.spatial else HyperUNet(config)
         init_weights(self.model)
         # start near the identity: the last layer predicts an almost zero SVF (and, with a
@@ -252,13 +261,18 @@ class DeformTask(Task):
         lam_map = None if lam_a is None else 0.5 * (lam_a + lam_b)
         return (0.5 * (a - b))[0].permute(1, 2, 3, 0), lam_map
 
+    def velocity(self, pair: Pair, lam: float | torch.Tensor, autocast=nullcontext):
+        """The SVF (channels last, voxels) of the cascade and a lambda head's weight map
+        ``(1, 1, *s)`` (else None)."""
+        grid = voxel_grid(pair.image_1.shape[2:], device=pair.image_1.device)
+        return cascade(lambda a, b: self._svf(a, b, lam, autocast), pair.image_1,
+                       pair.image_2, self.passes,
+                       lambda image, disp: _warped(image, grid + disp))
+
     def fields(self, pair: Pair, lam: float | torch.Tensor, autocast=nullcontext):
         """Displacements (channels last, voxels) fixed -> moving and moving -> fixed, and
         the voxel-wise weight map ``(1, 1, *s)`` of a lambda head (else None)."""
-        grid = voxel_grid(pair.image_1.shape[2:], device=pair.image_1.device)
-        svf, lam_map = cascade(lambda a, b: self._svf(a, b, lam, autocast), pair.image_1,
-                               pair.image_2, self.passes,
-                               lambda image, disp: _warped(image, grid + disp))
+        svf, lam_map = self.velocity(pair, lam, autocast)
         return integrate_svf(svf, self.steps), integrate_svf(-svf, self.steps), lam_map
 
     @staticmethod
@@ -276,15 +290,26 @@ class DeformTask(Task):
     def loss(self, pair, generator, autocast=nullcontext, lam: float | None = None):
         """The objective on ``pair``; ``lam`` ~ U(0, 1) drawn with ``generator`` unless
         given."""
+        distil = None
+        if self.distill.weight:  # (draws nothing otherwise: older runs resume as they were)
+            distil = float(torch.rand((), generator=generator)) < self.distill.prob
+            if distil:
+                lam = self.distill.net_lambda
         if lam is None:
             lam = float(torch.rand((), generator=generator))
-        d1, d2, lam_map = self.fields(pair, lam, autocast)
+        svf, lam_map = self.velocity(pair, lam, autocast)
+        d1, d2 = integrate_svf(svf, self.steps), integrate_svf(-svf, self.steps)
         (m1, f1), (m2, f2) = self._compared(pair, d1, d2)
         sim = 0.5 * (self.similarity(m1, f1) + self.similarity(m2, f2))
-        epe = None
+        epe = teach = None
         if self.supervised_weight and pair.disp_truth is not None:
             epe = end_point_error(d1, pair.disp_truth, pair.onehot_2, self.stride)
             sim = sim + self.supervised_weight * epe
+        if distil:
+            target = integrate_svf(teacher_svf(svf, pair.image_1, pair.image_2, pair.onehot_1,
+                                               pair.onehot_2, self.distill), self.steps)
+            teach = end_point_error(d1, target, pair.onehot_2, self.stride)
+            sim = sim + self.distill.weight * teach
         u1, u2 = d1.permute(3, 0, 1, 2)[None], d2.permute(3, 0, 1, 2)[None]
         if lam_map is not None:
             reg = 0.5 * (weighted_grad_l2(u1, lam_map) + weighted_grad_l2(u2, lam_map))
@@ -300,6 +325,8 @@ class DeformTask(Task):
             # the identity's error on the same pair: below it, the network has learnt
             terms["epe_identity"] = float("nan") if epe is None else float(end_point_error(
                 torch.zeros_like(d1), pair.disp_truth, pair.onehot_2, self.stride))
+        if self.distill.weight:  # the refined field's distance from the U-Net's (NaN: none)
+            terms["distill"] = float("nan") if teach is None else float(teach.detach())
         return loss, terms
 
     @torch.no_grad()

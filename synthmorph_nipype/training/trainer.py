@@ -292,6 +292,8 @@ class Trainer:
         kwargs = {"similarity": config.similarity}
         if config.objective == "synthetic":
             kwargs["supervised_weight"] = config.supervised_weight
+            if config.model == "joint":
+                kwargs["distill"] = config.distillation()
         if config.model == "joint":
             kwargs.update(regularizer=config.regularizer, steps=config.int_steps,
                           prior_alpha=config.prior_alpha, penalty_weight=config.penalty_weight,
