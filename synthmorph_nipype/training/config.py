@@ -86,10 +86,11 @@ class TrainConfig:
     # joint: train the U-Net as a cascade of this many passes (the loss sees their sum;
     # the exported weights recommend as many, the engine's --passes)
     passes: int = 1
-    # joint: distillation (training.distill): with probability distill_prob a step adds
-    # distill_weight x the end-point error (voxels) to the field that distill_iterations
-    # steps of the test-time refinement (distill_similarity, smoothness distill_lambda)
-    # reach from the U-Net's own; 0: off
+    # joint, 4 mm grid: distillation (training.distill): with probability distill_prob a
+    # step adds, inside the similarity term (x (1 - 0.5) in the objective: such a step
+    # feeds lambda 0.5), distill_weight x the end-point error (voxels) to the field that
+    # distill_iterations steps of the test-time refinement (distill_similarity,
+    # smoothness distill_lambda) reach from the U-Net's own; 0: off
     distill_weight: float = 0.0
     distill_prob: float = 0.5
     distill_iterations: int = 20
@@ -150,9 +151,10 @@ class TrainConfig:
         if self.passes < 1 or (self.passes > 1 and self.model != "joint"):
             raise ValueError("passes must be >= 1, and > 1 only for the joint model")
         if self.distill_weight and (self.model != "joint" or self.objective != "synthetic"
-                                    or self.spatial_lambda):
+                                    or self.spatial_lambda or self.voxel_mm != 4.0):
             raise ValueError("distillation trains the joint model's hypernetwork U-Net on "
-                             "synthetic pairs")
+                             "synthetic pairs on the 4 mm grid (voxel_mm 4: the engine's "
+                             "refinement level)")
         self.distillation()  # validate early
         if self.prior_alpha < 1 or self.penalty_weight < 0:
             raise ValueError("prior_alpha must be >= 1 and penalty_weight >= 0")

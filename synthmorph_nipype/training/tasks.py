@@ -214,8 +214,8 @@ class DeformTask(Task):
     The half-way warps carry no gradient (each pass learns from what the sum misses).
 
     ``distill`` (:class:`~synthmorph_nipype.training.distill.Distillation`) makes some
-    steps distillation steps: the end-point error to the field the test-time refinement
-    reaches from the U-Net's joins the similarity term.
+    steps distillation steps: the end-point error between the U-Net's displacement and
+    the one the test-time refinement reaches from it is added to the similarity term.
     """
 
     name = "joint"
@@ -289,11 +289,13 @@ class DeformTask(Task):
 
     def loss(self, pair, generator, autocast=nullcontext, lam: float | None = None):
         """The objective on ``pair``; ``lam`` ~ U(0, 1) drawn with ``generator`` unless
-        given."""
-        distil = None
-        if self.distill.weight:  # (draws nothing otherwise: older runs resume as they were)
-            distil = float(torch.rand((), generator=generator)) < self.distill.prob
-            if distil:
+        given (a distillation step, drawn only when ``lam`` is not given, uses the
+        distillation's ``net_lambda``)."""
+        distilling = False
+        if self.distill.weight and lam is None:  # (no draw otherwise: older runs resume
+            # as they were)
+            distilling = float(torch.rand((), generator=generator)) < self.distill.prob
+            if distilling:
                 lam = self.distill.net_lambda
         if lam is None:
             lam = float(torch.rand((), generator=generator))
@@ -305,9 +307,10 @@ class DeformTask(Task):
         if self.supervised_weight and pair.disp_truth is not None:
             epe = end_point_error(d1, pair.disp_truth, pair.onehot_2, self.stride)
             sim = sim + self.supervised_weight * epe
-        if distil:
+        if distilling:
             target = integrate_svf(teacher_svf(svf, pair.image_1, pair.image_2, pair.onehot_1,
-                                               pair.onehot_2, self.distill), self.steps)
+                                               pair.onehot_2, self.distill, self.steps),
+                                   self.steps)
             teach = end_point_error(d1, target, pair.onehot_2, self.stride)
             sim = sim + self.distill.weight * teach
         u1, u2 = d1.permute(3, 0, 1, 2)[None], d2.permute(3, 0, 1, 2)[None]
