@@ -82,8 +82,13 @@ def describe(run: Path, model: Path | None = None) -> list[str]:
         + f"; random shapes with probability {cfg['shapes_prob']}, else " + _brains(cfg)
         + f"; synthesis changes {json.dumps(cfg['synth'])}"
         + (f"; + {cfg['supervised_weight']} x the supervised term (distance to the true "
-           "map / end-point error over the brain)" if cfg.get("supervised_weight") else ""),
-        *([f"- started from `{cfg['init_weights']}` (the previously shipped weights)"]
+           "map / end-point error over the brain)" if cfg.get("supervised_weight") else "")
+        + (f"; distillation on a share {cfg['distill_prob']} of the steps: + "
+           f"{cfg['distill_weight']} x the end-point error to the field "
+           f"{cfg['distill_iterations']} steps of the test-time refinement "
+           f"({cfg['distill_similarity']}, smoothness weight {cfg['distill_lambda']}) reach "
+           "from the U-Net's" if cfg.get("distill_weight") else ""),
+        *([f"- started from `{cfg['init_weights']}` (weights trained before: the run continues them)"]
           if cfg.get("init_weights") and cfg.get("objective") == "synthetic" else []),
         "- test-time refinement it recommends (the default of `synthmorph register`): "
         + (", ".join(refine) + " steps" if refine else "none")
