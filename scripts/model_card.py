@@ -88,7 +88,8 @@ def describe(run: Path, model: Path | None = None) -> list[str]:
            f"{cfg['distill_iterations']} steps of the test-time refinement "
            f"({cfg['distill_similarity']}, smoothness weight {cfg['distill_lambda']}) reach "
            "from the U-Net's" if cfg.get("distill_weight") else ""),
-        *([f"- started from `{cfg['init_weights']}` (weights trained before: the run continues them)"]
+        *([f"- started from `{cfg['init_weights']}` (weights trained before: the run "
+           "continues them)"]
           if cfg.get("init_weights") and cfg.get("objective") == "synthetic" else []),
         "- test-time refinement it recommends (the default of `synthmorph register`): "
         + (", ".join(refine) + " steps" if refine else "none")
